@@ -1,0 +1,25 @@
+"""The models, as plain `nn.Module`s (no Lightning): `model(tokens: [B, L]) -> logits: [B, L, vocab]`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from hier_lm.models.transformer import Transformer
+
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer}
+
+__all__ = ["MODELS", "Transformer", "build_model"]
+
+
+def build_model(config: Mapping) -> nn.Module:
+    """Build a model from a config mapping `{"name": <one of MODELS>, **constructor kwargs}`."""
+    kwargs = dict(config)
+    name = kwargs.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as err:
+        raise TypeError(f"bad arguments for model {name!r}: {err}") from err
