@@ -1,0 +1,169 @@
+"""`TextFilesDataModule`: any files (by default the Python standard library) as a byte-level LM dataset."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from hier_lm.data.corpus import DEFAULT_SPLITS, ByteCorpus, check_splits, resolve_paths
+
+EVAL_SPLITS = ("valid", "test")
+
+
+class _SplitReader:
+    """Reads one split of a `ByteCorpus` through a memmap opened lazily in the process that reads (a
+    DataLoader worker included); the memmap is never pickled."""
+
+    def __init__(self, corpus: ByteCorpus, split: str, seq_len: int):
+        start, end = corpus.meta["splits"][split]
+        if end - start < seq_len + 1:
+            raise ValueError(f"the {split} split has {end - start:,} bytes, fewer than data.seq_len + 1 = "
+                             f"{seq_len + 1:,}: lower data.seq_len or add files to data.paths")
+        self.corpus, self.split, self.seq_len, self.length = corpus, split, seq_len, end - start
+        self._data: np.memmap | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+    def _windows(self, starts: np.ndarray) -> torch.Tensor:
+        """`LongTensor[len(starts), seq_len + 1]`: the split's bytes `[s, s + seq_len + 1)` for each start."""
+        if self._data is None:
+            self._data = self.corpus.split(self.split)
+        index = starts[:, None] + np.arange(self.seq_len + 1)
+        return torch.from_numpy(np.array(self._data[index], dtype=np.int64))
+
+
+class TrainBatches(_SplitReader, IterableDataset):
+    """Endless batches `LongTensor[batch_size, seq_len + 1]` of random windows of the train split.
+
+    Batch `b` (b = start, start + 1, ...) has window starts drawn from `np.random.default_rng([seed, rank, b])`.
+    Worker `w` of `W` yields b = start + w, start + w + W, ..., so a DataLoader's round-robin over its
+    workers gives the same sequence for any number of workers.
+    """
+
+    def __init__(self, corpus: ByteCorpus, seq_len: int, batch_size: int, seed: int, rank: int, start: int):
+        super().__init__(corpus, "train", seq_len)
+        self.batch_size, self.seed, self.rank, self.start = batch_size, seed, rank, start
+
+    def batch(self, b: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.rank, b])
+        return self._windows(rng.integers(0, self.length - self.seq_len, size=self.batch_size))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return map(self.batch, itertools.count(self.start + worker, workers))
+
+
+class EvalWindows(_SplitReader, Dataset):
+    """Contiguous, non-overlapping windows of an evaluation split: item `i` is `LongTensor[seq_len + 1]`,
+    bytes `[i * seq_len, i * seq_len + seq_len + 1)`; every byte after the first is a target exactly once
+    (the last partial window is dropped)."""
+
+    def __len__(self) -> int:
+        return (self.length - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        return self._windows(np.array([i * self.seq_len]))[0]
+
+
+class TextFilesDataModule(L.LightningDataModule):
+    """Byte-level language modelling (vocab 256, metric bpc) on any files, by default the running
+    interpreter's standard library; the bytes are cached once as a uint8 memmap (see `ByteCorpus`).
+
+    Batches are `LongTensor[B, seq_len + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`): endless random windows
+    for training, resumable by batch index (`state_dict`), and contiguous windows for valid/test.
+    """
+
+    vocab_size = 256
+    metric = "bpc"
+
+    def __init__(self, paths: Sequence[str] = ("stdlib",), root: str | Path | None = None, seq_len: int = 256,
+                 batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 splits: Sequence[float] = DEFAULT_SPLITS):
+        super().__init__()
+        for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                   ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("seed", seed, 0)):
+            if value < least:
+                raise ValueError(f"data.{name} must be at least {least}, got {value}")
+        # Plain Python values (not Hydra's ListConfig, not Path) so that checkpoints load with weights_only=True.
+        paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        root = None if root is None else os.fspath(root)
+        splits = check_splits(splits)
+        self.save_hyperparameters()
+        self.corpus: ByteCorpus | None = None
+        self._train_batches = 0
+
+    def _build(self) -> ByteCorpus:
+        return ByteCorpus.build(resolve_paths(self.hparams.paths), self.hparams.root, self.hparams.splits)
+
+    def prepare_data(self) -> None:
+        """Build the byte cache if absent (Lightning calls this on one process only)."""
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the byte cache as `self.corpus`."""
+        self.corpus = self._build()
+
+    def _opened(self) -> ByteCorpus:
+        if self.corpus is None:
+            raise RuntimeError("TextFilesDataModule: call prepare_data() and setup() before asking for data")
+        return self.corpus
+
+    def _batches_consumed(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return self._train_batches
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        # A private generator: creating the loader's iterator must not draw from the global torch RNG,
+        # whose state a resumed run restores from the checkpoint (dropout would diverge otherwise).
+        return DataLoader(dataset, num_workers=self.hparams.num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator(), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless `LongTensor[batch_size, seq_len + 1]` batches, starting at the batch index consumed so far."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        dataset = TrainBatches(self._opened(), self.hparams.seq_len, self.hparams.batch_size, self.hparams.seed,
+                               rank, self._batches_consumed())
+        return self._loader(dataset, batch_size=None)
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        dataset = EvalWindows(self._opened(), split, self.hparams.seq_len)
+        return self._loader(dataset, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+                            shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        """Contiguous `LongTensor[eval_batch_size, seq_len + 1]` windows of the valid split."""
+        return self._eval_dataloader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        """Contiguous `LongTensor[eval_batch_size, seq_len + 1]` windows of the test split."""
+        return self._eval_dataloader("test")
+
+    def num_eval_tokens(self, split: str) -> int:
+        """Number of predicted bytes in the `"valid"` or `"test"` evaluation windows."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"unknown evaluation split {split!r}; choose one of {EVAL_SPLITS}")
+        return len(EvalWindows(self._opened(), split, self.hparams.seq_len)) * self.hparams.seq_len
+
+    def state_dict(self) -> dict:
+        """`{"train_batches": batches consumed so far, "seed": seed}`, saved in checkpoints."""
+        return {"train_batches": self._batches_consumed(), "seed": self.hparams.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next `train_dataloader()` starts at batch `state["train_batches"]`."""
+        if state["seed"] != self.hparams.seed:
+            raise ValueError(f"the checkpoint's data was drawn with data.seed={state['seed']}, but this run has "
+                             f"data.seed={self.hparams.seed}; resume with data.seed={state['seed']}")
+        self._train_batches = int(state["train_batches"])
