@@ -54,8 +54,11 @@ def generate(
 ) -> torch.Tensor:
     """Continue `prompt_tokens` (`[T]` or `[B, T]`, T >= 1) by `max_new_tokens` sampled tokens.
 
-    Returns the prompt followed by the new tokens, `[T + N]` or `[B, T + N]` like the prompt. The model is
-    put in eval mode for the call and restored after.
+    Returns the prompt followed by the new tokens, `[T + N]` or `[B, T + N]` like the prompt. The model sees
+    at most `model.max_len` tokens: when the context would overflow, it restarts from the last
+    `max_len // 2` tokens (cached decoding re-fills its cache from them), the same in both modes, so
+    `use_cache=True` and `False` give the same tokens for a seed. The model is put in eval mode for the call
+    and restored after.
     """
     device = next(model.parameters()).device
     tokens = torch.as_tensor(prompt_tokens, dtype=torch.long, device=device)
@@ -65,21 +68,19 @@ def generate(
         raise ValueError(f"prompt_tokens must be [T] or [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    total = tokens.shape[1] + max_new_tokens
-    if total > model.max_len:
-        raise ValueError(
-            f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
-            f"max_len={model.max_len}; shorten the prompt or ask for fewer tokens"
-        )
     generator = torch.Generator()
     generator.manual_seed(seed) if seed is not None else generator.seed()
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache() if use_cache else None
-        new_input = tokens
+        window_start = 0 if tokens.shape[1] <= model.max_len else tokens.shape[1] - model.max_len // 2
+        cache, new_input = (model.new_cache() if use_cache else None), tokens[:, window_start:]
         for _ in tqdm(range(max_new_tokens), disable=not progress, desc="sampling", unit="tok"):
-            logits = model(new_input, cache=cache)[:, -1] if use_cache else model(tokens)[:, -1]
+            if tokens.shape[1] - window_start > model.max_len:  # the context would overflow: restart it
+                window_start = tokens.shape[1] - model.max_len // 2
+                cache, new_input = (model.new_cache() if use_cache else None), tokens[:, window_start:]
+            context = new_input if use_cache else tokens[:, window_start:]
+            logits = model(context, cache=cache)[:, -1]
             next_token = sample_next(logits, temperature, top_k, top_p, generator)[:, None]
             tokens = torch.cat((tokens, next_token), dim=1)
             new_input = next_token

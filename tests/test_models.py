@@ -59,14 +59,21 @@ def test_generation_cached_equals_uncached(model, sampling):
     assert torch.equal(cached, uncached)
 
 
-def test_generation_is_seeded_and_checks_length(model):
+def test_generation_is_seeded(model):
     a = generate(model, [1, 2, 3], 20, seed=1)
     assert torch.equal(a, generate(model, [1, 2, 3], 20, seed=1))
     assert not torch.equal(a, generate(model, [1, 2, 3], 20, seed=2))
-    with pytest.raises(ValueError, match="max_len"):
-        generate(model, [1, 2, 3], model.max_len, seed=0)
     with pytest.raises(ValueError, match="T >= 1"):
         generate(model, [], 3, seed=0)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 100])
+def test_generation_beyond_max_len_restarts_the_context_in_both_modes(model, prompt_len):
+    prompt = torch.randint(0, VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(5))
+    n = 2 * model.max_len + 7
+    cached = generate(model, prompt, n, use_cache=True, seed=3)
+    assert cached.shape == (prompt_len + n,)
+    assert torch.equal(cached, generate(model, prompt, n, use_cache=False, seed=3))
 
 
 def test_overfits_a_tiny_batch(model):

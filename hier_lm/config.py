@@ -1,0 +1,53 @@
+"""Config plumbing shared by the entry points: the recipe registry and argv handling."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from importlib import resources
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+CONFIG_PATH = "pkg://hier_lm.recipes.conf"  # primary configs and config groups (model/, data/, ...)
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes: `recipes/<name>.yaml`."""
+    root = resources.files("hier_lm.recipes")
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def register_recipes() -> None:
+    """Make every `recipes/<name>.yaml` (a `# @package _global_` experiment file) the option `recipe=<name>`
+    of the Hydra group `recipe`, so that Hydra lists them when an unknown one is asked for."""
+    store = ConfigStore.instance()
+    root = resources.files("hier_lm.recipes")
+    for name in recipe_names():
+        node = OmegaConf.create(root.joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+        store.store(group="recipe", name=name, node=node, package="_global_")
+
+
+def quote_free_text_args(keys: tuple[str, ...]) -> None:
+    """Quote the values of free-text keys in `sys.argv` (e.g. `prompt=def main(`) so that Hydra's override
+    grammar takes them literally, brackets and quotes included."""
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+            sys.argv[i] = f"{key}='{escaped}'"
+
+
+def exit_on_user_error(fn: Callable) -> Callable:
+    """Turn the errors a user can fix (missing files, bad values) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Attention algorithms: a plain PyTorch reference for each (the readable definition, used on CPU)."""
