@@ -80,3 +80,18 @@ class RNGState(L.Callback):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes `step_<N>.ckpt` and `last.ckpt` at the last training step (`trainer.max_steps`) when the
+    periodic `ModelCheckpoint` (every `every_n_steps`) would not, from the same point of the training loop,
+    so that resuming a finished run to train it further continues exactly."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int):
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == trainer.max_steps and step % self.every_n_steps:
+            trainer.save_checkpoint(self.dirpath / f"step_{step}.ckpt")
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")

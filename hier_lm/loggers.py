@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from collections.abc import Mapping
@@ -9,8 +10,31 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed run appends to its `metrics.csv` instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`CSVLogger` writing `<save_dir>/<name>/metrics.csv`, continued (not replaced) when a run resumes."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_has_credentials() -> bool:
@@ -29,7 +53,7 @@ def build_logger(config: Mapping, run_dir: Path, run_name: str) -> Logger | None
     options = dict(config)
     kind = options.pop("name")
     if kind == "csv":
-        return CSVLogger(run_dir, name="logs", version="", **options)
+        return ResumableCSVLogger(run_dir, name="logs", version="", **options)
     if kind == "tensorboard":
         return TensorBoardLogger(run_dir, name="tensorboard", version="", **options)
     if kind == "wandb":

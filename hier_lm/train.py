@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hier_lm.callbacks import RNGState, TextSamples, Throughput
+from hier_lm.callbacks import FinalCheckpoint, RNGState, TextSamples, Throughput
 from hier_lm.checkpoint import AtomicCheckpointIO, resolve_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, register_recipes
 from hier_lm.loggers import build_logger
@@ -87,7 +87,9 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
             every_n_train_steps=cfg.checkpoint.every_n_steps,
             save_top_k=-1,
             save_last=True,
+            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
         ),
+        FinalCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps),
         Throughput(),
         RNGState(),
         LearningRateMonitor(logging_interval="step"),
@@ -103,7 +105,6 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()  # flush the run's files (offline runs included)
     print(f"done: {trainer.global_step} steps; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}")

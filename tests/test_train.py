@@ -30,7 +30,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_runs_two_steps(recipe, corpus_dir, tmp_path):
     run_dir = run(recipe, tiny_overrides(corpus_dir, tmp_path))
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert (run_dir / "checkpoints" / "step_2.ckpt").is_file()
     assert (run_dir / "config.yaml").read_text().count("max_steps: 2") == 1
@@ -67,10 +67,12 @@ def test_resume_equals_uninterrupted_run(corpus_dir, tmp_path):
 
 
 def test_resume_auto_continues_the_latest_run(corpus_dir, tmp_path):
-    first = run("quickstart", tiny_overrides(corpus_dir, tmp_path, steps=2))
-    again = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=4), "resume=auto"])
+    first = run("quickstart", tiny_overrides(corpus_dir, tmp_path, steps=3))  # ends between checkpoints
+    assert torch.load(first / "checkpoints" / "step_3.ckpt", weights_only=True)["global_step"] == 3
+    again = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=5), "resume=auto"])
     assert again == first.resolve()
-    assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(train_losses(again)) == [0, 1, 2, 3, 4]  # the metrics of both sessions are kept
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
