@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env, tiny_overrides
+from tests.helpers import subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

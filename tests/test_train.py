@@ -13,7 +13,7 @@ import hier_lm
 from hier_lm.checkpoint import atomic_torch_save
 from hier_lm.config import recipe_names
 from hier_lm.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def run(recipe: str, overrides: list[str]) -> Path:

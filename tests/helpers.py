@@ -1,0 +1,35 @@
+"""Helpers shared by the test modules."""
+
+import os
+from pathlib import Path
+
+
+def tiny_overrides(corpus_dir: Path, runs_dir: Path, steps: int = 2) -> list[str]:
+    """Hydra overrides that make any recipe train `steps` steps of a tiny model in seconds."""
+    return [
+        f"runs_dir={runs_dir}",
+        f"data.paths=[{corpus_dir}/*.py]",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+        "checkpoint.every_n_steps=2",
+        "optim.warmup_steps=1",
+        "samples.max_new_tokens=8",
+        "logger=csv",
+    ]
+
+
+def subprocess_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("WANDB_API_KEY", None)
+    return env
