@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -31,12 +32,17 @@ def register_recipes() -> None:
 
 def quote_free_text_args(keys: tuple[str, ...]) -> None:
     """Quote the values of free-text keys in `sys.argv` (e.g. `prompt=def main(`) so that Hydra's override
-    grammar takes them literally, brackets and quotes included."""
+    grammar takes them literally. A value already in matching quotes is left to Hydra as it is."""
     for i, arg in enumerate(sys.argv[1:], start=1):
         key, sep, value = arg.partition("=")
         if sep and key in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
-            escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-            sys.argv[i] = f"{key}='{escaped}'"
+            sys.argv[i] = f"{key}='{hydra_quote_escape(value)}'"
+
+
+def hydra_quote_escape(text: str) -> str:
+    """Escape `text` for a single-quoted Hydra override value: backslashes are escapes only before a quote
+    or the closing quote, so only those runs are doubled, and each quote gets one."""
+    return re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
 
 
 def exit_on_user_error(fn: Callable) -> Callable:

@@ -127,3 +127,9 @@ def test_unknown_key_is_a_clear_error(corpus_dir, tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="no_such_key"):
         run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "model.no_such_key=1"])
+
+
+def test_bf16_mixed_precision_trains(corpus_dir, tmp_path):
+    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "trainer.precision=bf16-mixed"])
+    losses = train_losses(run_dir)
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses.values())
