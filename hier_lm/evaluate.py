@@ -7,7 +7,6 @@ split's unigram entropy (bits per byte) is printed beside bpc as the no-context 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -16,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from hier_lm.checkpoint import load, read_checkpoint
+from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error
 from hier_lm.tasks import CHECKPOINT_KEY, metric_value, next_token_loss
 
@@ -52,9 +51,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if hasattr(datamodule, "corpus"):
         results["unigram_entropy_bits"] = datamodule.corpus.unigram_entropy(cfg.split)
     out = Path(cfg.out) if cfg.out else file.parent.parent / f"eval_{cfg.split}.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)
     return results
 

@@ -63,7 +63,8 @@ def build_logger(config: Mapping, run_dir: Path, run_name: str) -> Logger | None
             if mode == "offline":
                 print(f"W&B: no credentials found, logging offline under {run_dir}/wandb; "
                       f"upload later with `wandb sync {run_dir}/wandb/offline-run-*`")
-        return WandbLogger(name=run_name, save_dir=str(run_dir), offline=mode == "offline",
+        # the run name doubles as the W&B run id, so that a resumed run continues the same W&B run
+        return WandbLogger(name=run_name, version=run_name, save_dir=str(run_dir), offline=mode == "offline",
                            mode=mode, **options)
     if kind == "none":
         return None

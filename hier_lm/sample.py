@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from hier_lm.checkpoint import load
+from hier_lm.checkpoint import atomic_write_text, load
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, quote_free_text_args
 from hier_lm.generation import generate
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     output = "\n".join(f"===== sample {i} =====\n{t}" if len(texts) > 1 else t for i, t in enumerate(texts))
     print(output)
     if cfg.out:
-        Path(cfg.out).write_text(output + "\n", encoding="utf-8")
+        atomic_write_text(cfg.out, output + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hier_lm.callbacks import FinalCheckpoint, RNGState, TextSamples, Throughput
-from hier_lm.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from hier_lm.checkpoint import AtomicCheckpointIO, atomic_write_text, resolve_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, register_recipes
 from hier_lm.loggers import build_logger
 from hier_lm.tasks import LanguageModelTask
@@ -69,7 +69,7 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"run folder: {run_dir}" + (f"  (resuming from {ckpt_path})" if ckpt_path else ""))
     config = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
