@@ -133,3 +133,8 @@ def test_bf16_mixed_precision_trains(corpus_dir, tmp_path):
     run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "trainer.precision=bf16-mixed"])
     losses = train_losses(run_dir)
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses.values())
+
+
+def test_tensorboard_logger_writes_events(corpus_dir, tmp_path):
+    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "logger=tensorboard"])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
