@@ -13,6 +13,17 @@ TINY = {
                              max_len=64, pos="rope"),
     "transformer-learned": dict(name="transformer", d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0,
                                 max_len=64, pos="learned"),
+    "hourglass-attention": dict(name="hourglass", d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_len=64,
+                                hierarchy="2@1 2@3 2@1", shortening="attention", upsampling="attention",
+                                pos="rope"),
+    "hourglass-nested-average-repeat": dict(name="hourglass", d_model=32, n_heads=4, d_ff=64, dropout=0.0,
+                                            max_len=64, hierarchy="1@1 1@2 1@4 1@2 1@1", shortening="average",
+                                            upsampling="repeat"),
+    "hourglass-linear": dict(name="hourglass", d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_len=64,
+                             hierarchy="1@1 2@4 1@1", shortening="linear", upsampling="linear"),
+    "hourglass-relative": dict(name="hourglass", d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_len=64,
+                               hierarchy="1@1 2@3 1@1", shortening="attention", upsampling="repeat",
+                               pos="relative"),
 }
 
 

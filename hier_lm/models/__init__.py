@@ -6,11 +6,12 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from hier_lm.models.hourglass import Hourglass
 from hier_lm.models.transformer import Transformer
 
-MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer}
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "hourglass": Hourglass}
 
-__all__ = ["MODELS", "Transformer", "build_model"]
+__all__ = ["MODELS", "Hourglass", "Transformer", "build_model"]
 
 
 def build_model(config: Mapping) -> nn.Module:
