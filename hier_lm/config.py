@@ -8,10 +8,12 @@ import sys
 from collections.abc import Callable
 from importlib import resources
 
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_PATH = "pkg://hier_lm.recipes.conf"  # primary configs and config groups (model/, data/, ...)
+CONFIG_MODULE = "hier_lm.recipes.conf"  # primary configs and config groups (model/, data/, ...)
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 
 def recipe_names() -> list[str]:
@@ -28,6 +30,13 @@ def register_recipes() -> None:
     for name in recipe_names():
         node = OmegaConf.create(root.joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
         store.store(group="recipe", name=name, node=node, package="_global_")
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """The config `python -m hier_lm.train <overrides>` would compose (e.g. `["recipe=quickstart", "seed=1"]`)."""
+    register_recipes()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose("train", overrides=overrides)
 
 
 def quote_free_text_args(keys: tuple[str, ...]) -> None:

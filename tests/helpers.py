@@ -3,19 +3,27 @@
 import os
 from pathlib import Path
 
+from hier_lm.config import compose_train_config
 
-def tiny_overrides(corpus_dir: Path, runs_dir: Path, steps: int = 2) -> list[str]:
-    """Hydra overrides that make any recipe train `steps` steps of a tiny model in seconds."""
+# Model overrides that make each model family tiny; a recipe of a new family adds its entry here.
+TINY_MODEL = {
+    "transformer": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64"],
+    "hourglass": ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.hierarchy='1@1 1@2 1@1'"],
+}
+
+
+def tiny_overrides(corpus_dir: Path, runs_dir: Path, steps: int = 2, recipe: str = "quickstart") -> list[str]:
+    """Hydra overrides that make `recipe` train `steps` steps of a tiny model on a small text corpus in
+    seconds, whatever its model family and dataset."""
+    model = compose_train_config([f"recipe={recipe}", "data=textfiles"]).model.name
     return [
         f"runs_dir={runs_dir}",
+        "data=textfiles",
         f"data.paths=[{corpus_dir}/*.py]",
         "data.seq_len=32",
         "data.batch_size=4",
         "data.num_workers=0",
-        "model.d_model=32",
-        "model.n_layers=1",
-        "model.n_heads=2",
-        "model.d_ff=64",
+        *TINY_MODEL[model],
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=2",

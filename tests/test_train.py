@@ -7,19 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from hydra import compose, initialize_config_module
-
 import hier_lm
 from hier_lm.checkpoint import atomic_torch_save
-from hier_lm.config import recipe_names
+from hier_lm.config import compose_train_config, recipe_names
 from hier_lm.train import train
 from tests.helpers import tiny_overrides
 
 
 def run(recipe: str, overrides: list[str]) -> Path:
-    with initialize_config_module(config_module="hier_lm.recipes.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"recipe={recipe}", *overrides])
-    return train(cfg, recipe=recipe)
+    return train(compose_train_config([f"recipe={recipe}", *overrides]), recipe=recipe)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -29,7 +25,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_runs_two_steps(recipe, corpus_dir, tmp_path):
-    run_dir = run(recipe, tiny_overrides(corpus_dir, tmp_path))
+    run_dir = run(recipe, tiny_overrides(corpus_dir, tmp_path, recipe=recipe))
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert (run_dir / "checkpoints" / "step_2.ckpt").is_file()
