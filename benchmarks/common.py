@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,9 +51,24 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return best
 
 
+def cpu_allocation_profile(fn: Callable[[], object]) -> tuple[int, int]:
+    """(largest single allocation by one op, peak of live tensor bytes) on CPU while `fn()` runs, from the
+    profiler's raw allocation / free records (kineto "[memory]" events) replayed in time order. Unlike the
+    process RSS, this excludes the interpreter, the libraries and memory held before `fn` started."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
+        peak = max(peak, live)
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.name != "[memory]"), default=0)
+    return largest, peak
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory in bytes allocated while `fn()` runs: CUDA allocator peak, or on CPU the peak of the
-    bytes held by live tensors (profiler memory events), which excludes the interpreter and libraries."""
+    """Peak bytes allocated while `fn()` runs: the CUDA allocator's peak, or on CPU the peak of live tensor
+    bytes (`cpu_allocation_profile`)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -62,19 +76,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
-        if event.name() == "[memory]":
-            live += event.nbytes()
-            peak = max(peak, live)
-    return peak
-
-
-def max_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return cpu_allocation_profile(fn)[1]
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:

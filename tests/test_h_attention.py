@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.common import cpu_allocation_profile
 from hier_lm.ops import h_attention
 
 F64 = torch.float64
@@ -310,22 +311,6 @@ def test_bad_inputs():
 # --------------------------------------------------------------------------------- 7. linear memory
 
 
-def allocation_profile(fn):
-    """(largest single CPU allocation, peak of live CPU allocations) in bytes while fn() runs.
-
-    The peak replays the profiler's raw allocation / free records (kineto "[memory]" events) in time order.
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live, peak = 0, 0
-    for record in sorted(records, key=lambda e: e.start_ns()):
-        live += record.nbytes()
-        peak = max(peak, live)
-    largest = max(e.cpu_memory_usage for e in prof.events() if e.name != "[memory]")  # per-op allocations
-    return largest, peak
-
-
 def test_memory_is_linear_in_length():
     """L = 8192: one L x L float32 matrix would be 256 MiB; the largest allocation and the peak of live
     allocations (forward; forward + backward) stay far below it (measured: 1 MiB, ~9 MiB, ~17 MiB)."""
@@ -335,15 +320,15 @@ def test_memory_is_linear_in_length():
     q, k, v = (torch.randn(1, 1, length, dim, generator=gen) for _ in range(3))
 
     # the measurement itself sees an L x L matrix
-    largest, peak = allocation_profile(lambda: torch.softmax(q[0, 0] @ k[0, 0].T, -1))
+    largest, peak = cpu_allocation_profile(lambda: torch.softmax(q[0, 0] @ k[0, 0].T, -1))
     assert largest >= square_bytes and peak >= square_bytes
 
     for causal in (True, False):
-        largest, peak = allocation_profile(lambda: h_attention(q, k, v, nr, causal=causal))
+        largest, peak = cpu_allocation_profile(lambda: h_attention(q, k, v, nr, causal=causal))
         assert 0 < largest < square_bytes / 64, largest
         assert 0 < peak < square_bytes / 8, peak
 
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    _, peak = allocation_profile(lambda: h_attention(*leaves, nr, causal=False).sum().backward())
+    _, peak = cpu_allocation_profile(lambda: h_attention(*leaves, nr, causal=False).sum().backward())
     assert all(torch.isfinite(x.grad).all() for x in leaves)
     assert 0 < peak < square_bytes / 4, peak
