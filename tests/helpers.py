@@ -9,6 +9,7 @@ from hier_lm.config import compose_train_config
 TINY_MODEL = {
     "transformer": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64"],
     "hourglass": ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.hierarchy='1@1 1@2 1@1'"],
+    "flash": ["model.d_model=32", "model.n_layers=2", "model.s=16", "model.chunk_size=8"],
 }
 
 

@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from hier_lm.ops.chunk_attention import mixed_chunk_attention, naive_mixed_chunk_attention, relu2_attention
+from hier_lm.ops.chunk_attention import (
+    mixed_chunk_attention,
+    naive_mixed_chunk_attention,
+    relu2_attention,
+    relu2_attention_rows,
+)
 
 S, E = 8, 6  # shared q/k dim and value dim (different on purpose)
 
@@ -204,7 +209,7 @@ def test_empty_sequence():
     for causal in (True, False):
         assert mixed_chunk_attention(*inputs, chunk_size=4, causal=causal).shape == (2, 0, E)
         assert naive_mixed_chunk_attention(*inputs, chunk_size=4, causal=causal).shape == (2, 0, E)
-    assert relu2_attention(inputs[0], inputs[1], inputs[4]).shape == (2, 0, E)
+    assert relu2_attention(inputs[0], inputs[1], inputs[4], norm=4).shape == (2, 0, E)
 
 
 # --------------------------------------------------------------------------------- dtypes
@@ -252,11 +257,20 @@ def test_bad_chunk_size(chunk_size):
             fn(*make_inputs(8), chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("norm", [0, -1.0, float("nan"), float("inf"), "64"])
+@pytest.mark.parametrize("norm", [0, -1.0, float("nan"), float("inf"), "64", None])
 def test_bad_norm(norm):
     q, k, _, _, v = make_inputs(8)
     with pytest.raises(ValueError, match="norm must be a finite number > 0"):
         relu2_attention(q, k, v, norm=norm)
+
+
+def test_norm_is_required_and_keyword_only():
+    """No default (a forgotten constant would silently be 1) and not positional (no swap with `causal`)."""
+    q, k, _, _, v = make_inputs(8)
+    with pytest.raises(TypeError, match="norm"):
+        relu2_attention(q, k, v)
+    with pytest.raises(TypeError):
+        relu2_attention(q, k, v, True, 8)
 
 
 def test_bad_shapes():
@@ -273,6 +287,20 @@ def test_bad_shapes():
             with pytest.raises((ValueError, TypeError), match=message):
                 fn(*args, chunk_size=4)
     with pytest.raises(ValueError, match="v must share the leading dims and length of q"):
-        relu2_attention(qq, kq, v[:1])
+        relu2_attention(qq, kq, v[:1], norm=8)
     with pytest.raises(ValueError, match="k must have the shape of q"):
-        relu2_attention(qq, kq[:, :, :3], v)
+        relu2_attention(qq, kq[:, :, :3], v, norm=8)
+
+
+@pytest.mark.parametrize("query_start", [0, 1, 6])
+def test_relu2_attention_rows_are_the_rows_of_the_causal_attention(query_start):
+    """Incremental decoding: new queries at positions query_start.. over every key so far."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 9, 8, generator=g, dtype=torch.float64), torch.randn(2, 9, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    full = relu2_attention(q, k, v, causal=True, norm=9)
+    end = query_start + 3
+    rows = relu2_attention_rows(q[:, query_start:end], k[:, :end], v[:, :end], query_start, norm=9)
+    torch.testing.assert_close(rows, full[:, query_start:end], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="keys and values"):
+        relu2_attention_rows(q[:, query_start:end], k[:, : end - 1], v[:, : end - 1], query_start, norm=9)

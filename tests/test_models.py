@@ -24,6 +24,9 @@ TINY = {
     "hourglass-relative": dict(name="hourglass", d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_len=64,
                                hierarchy="1@1 2@3 1@1", shortening="attention", upsampling="repeat",
                                pos="relative"),
+    "flash-quad": dict(name="flash", d_model=32, n_layers=2, s=16, dropout=0.0, max_len=64, mode="quad"),
+    "flash-chunk": dict(name="flash", d_model=32, n_layers=2, s=16, dropout=0.0, max_len=64, mode="chunk",
+                        chunk_size=8),
 }
 
 

@@ -6,12 +6,13 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from hier_lm.models.flash import FLASH
 from hier_lm.models.hourglass import Hourglass
 from hier_lm.models.transformer import Transformer
 
-MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "hourglass": Hourglass}
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "hourglass": Hourglass, "flash": FLASH}
 
-__all__ = ["MODELS", "Hourglass", "Transformer", "build_model"]
+__all__ = ["FLASH", "MODELS", "Hourglass", "Transformer", "build_model"]
 
 
 def build_model(config: Mapping) -> nn.Module:

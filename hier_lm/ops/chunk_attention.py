@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu2_attention", "mixed_chunk_attention", "naive_mixed_chunk_attention"]
+__all__ = ["relu2_attention", "relu2_attention_rows", "mixed_chunk_attention", "naive_mixed_chunk_attention"]
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -98,17 +98,16 @@ def _no_autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------- shared
 
 
-def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool) -> Tensor:
-    """``relu(q k^T / sqrt(S))**2 / norm`` over the last two dims, causal entries j > t set to exactly 0.
+def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start: int = 0) -> Tensor:
+    """``relu(q k^T / sqrt(S))**2 / norm`` over the last two dims, causal entries set to exactly 0.
 
-    q, k: [..., N, S] -> [..., N, N].
+    q: [..., M, S] at positions ``query_start ..``, k: [..., N, S] at positions ``0 ..`` -> [..., M, N].
     """
-    n = q.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     weights = torch.relu(scores).square() / norm
     if causal:
-        position = torch.arange(n, device=q.device)
-        future = position[None, :] > position[:, None]  # key index j > query index t
+        query = torch.arange(query_start, query_start + q.shape[-2], device=q.device)
+        future = torch.arange(k.shape[-2], device=q.device)[None, :] > query[:, None]  # key j > query t
         weights = weights.masked_fill(future, 0.0)
     return weights
 
@@ -116,28 +115,44 @@ def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool) -> Tensor:
 # ----------------------------------------------------------------------------------------- FLASH-Quad
 
 
-def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, norm: float | None = None) -> Tensor:
+def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, norm: float) -> Tensor:
     """GAU / FLASH-Quad attention: ``relu(q k^T / sqrt(S))**2 / norm @ v``, O(L^2).
 
     Args:
         q, k: ``[B, L, S]`` or ``[B, H, L, S]``.
         v: ``[B, L, E]`` or ``[B, H, L, E]``.
         causal: key j contributes to query t only if ``j <= t``.
-        norm: the FIXED constant n (the model's maximum length, or the chunk size); ``None`` means 1.
-            Never the runtime length ``L``: in causal use the output at t would then depend on later tokens.
+        norm: the FIXED constant n (the model's maximum length, or the chunk size), keyword-only and
+            required so that no caller forgets it. Never the runtime length ``L``: in causal use the output
+            at t would then depend on later tokens.
 
     Returns:
         ``[B, L, E]`` (``[B, H, L, E]``) in the inputs' dtype.
     """
     _check_qkv(("q", "k", "v"), (q, k, v))
-    if norm is None:
-        norm = 1.0
     _check_positive("norm", norm, integer=False)
     out_dtype, dtype = _dtypes((q, k, v))
     with _no_autocast(q.device):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = _relu2_weights(q, k, float(norm), causal) @ v
     return out.to(out_dtype)
+
+
+def relu2_attention_rows(q: Tensor, k: Tensor, v: Tensor, query_start: int, *, norm: float) -> Tensor:
+    """Causal ``relu2_attention`` for the new queries of incremental decoding.
+
+    ``q: [B, M, S]`` are the queries at positions ``query_start .. query_start + M - 1``, ``k: [B, T, S]`` and
+    ``v: [B, T, E]`` every key and value at positions ``0 .. T - 1`` with ``T = query_start + M``. Returns
+    ``[B, M, E]`` in the compute dtype (float32 at least), so that callers can add further terms before
+    casting, as ``mixed_chunk_attention`` does internally.
+    """
+    _check_positive("norm", norm, integer=False)
+    if k.shape[-2] != query_start + q.shape[-2] or v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"expected {query_start + q.shape[-2]} keys and values (query_start {query_start} + "
+                         f"{q.shape[-2]} queries), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _, dtype = _dtypes((q, k, v))
+    with _no_autocast(q.device):
+        return _relu2_weights(q.to(dtype), k.to(dtype), float(norm), True, query_start) @ v.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------- FLASH

@@ -1,0 +1,263 @@
+"""FLASH and FLASH-Quad (Hua et al. 2022, "Transformer Quality in Linear Time"): a stack of Gated Attention
+Units (GAU), see /work/shared/research/flash_gau.md §1-2.
+
+    tokens -> Embedding -> Dropout -> n_layers x [x + Dropout(GAU(Norm(x)))] -> Norm -> Linear head
+
+One GAU (single head, shapes for x: [B, L, d]):
+
+    U, V, Z = split(SiLU(x W_uvz + b))           U, V: [B, L, e] (e = expansion * d), Z: [B, L, s]
+    Q_i = RoPE(Z * gamma_i + beta_i)              per-dim scale/offset of the shared Z ("quad"/"lin" q and k)
+    O   = (U * attention(Q, K, V)) W_o + b_o      [B, L, d]
+
+* ``mode="quad"`` (FLASH-Quad): ``relu2_attention``: ``relu(q k^T / sqrt(s))**2 / max_len @ V`` over the whole
+  causal prefix. The normaliser is the model's ``max_len``, a FIXED constant (DESIGN.md §4): never the runtime
+  length, which makes the public ports' earlier outputs depend on later tokens (notes §1.3).
+* ``mode="chunk"`` (FLASH): ``mixed_chunk_attention``: relu^2 inside chunks of C tokens (divided by C) plus linear
+  attention over strictly earlier chunks, ``q_lin . sum_{h<g} K_h^T V_h / (g * C)`` in chunk g (notes §2).
+
+Positions: RoPE on every q and k at global token positions (the paper also adds a scaled sinusoid and a learned
+relative bias; Su (notes §1.4) reports RoPE alone works well, and it keeps the cache simple). Norms: scale-norm
+(default, the paper's choice per notes §1.5) or LayerNorm. Init: N(0, 0.02) for linear and embedding weights
+(notes §1.5), but N(0, 1) for the q/k scales gamma (see `OffsetScale`: a departure from the appendix code).
+
+Incremental decoding, per layer: quad mode keeps every past key and value (single head); chunk mode keeps the
+running sum of ``K_h^T V_h`` over finished chunks and the quad keys, linear keys and values of the current chunk
+only, so a decoding step costs O(C * (s + e) + s * e) wherever it is.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hier_lm.models.layers import RotaryEmbedding
+from hier_lm.models.transformer import _init_weights
+from hier_lm.ops import mixed_chunk_attention, relu2_attention, relu2_attention_rows
+
+MODES = ("quad", "chunk")
+NORMS = ("scalenorm", "layernorm")
+
+
+class ScaleNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * g` over the last dim, one learned scalar `g` (init 1)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.g
+
+
+def make_norm(norm: str, d_model: int) -> nn.Module:
+    return ScaleNorm() if norm == "scalenorm" else nn.LayerNorm(d_model)
+
+
+class OffsetScale(nn.Module):
+    """`n` per-dimension affine maps of one `z: [B, L, s]`: returns `n` tensors `z * gamma_i + beta_i`.
+
+    gamma ~ N(0, 1), beta = 0. The paper's appendix code draws gamma from N(0, 0.02), but there a learned
+    relative bias inside the relu gives the attention a gradient; without it relu(q k)^2 starts at a saddle
+    (its gradient scales as gamma^3) and FLASH-Quad never learns to attend (tiny overfit: loss 1.50 vs 0.003;
+    150 steps on stdlib bytes: 2.47 vs 2.08)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(n, dim))
+        self.beta = nn.Parameter(torch.zeros(n, dim))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, ...]:
+        return (z[..., None, :] * self.gamma + self.beta).unbind(-2)
+
+
+@dataclass
+class GAUCache:
+    """Decoding state of one GAU layer (`T` tokens seen; tensors are created on the first call).
+
+    quad:  `keys: [B, T, s]`, `values: [B, T, e]`, every past token (after RoPE).
+    chunk: `keys`, `lin_keys: [B, r, s]`, `values: [B, r, e]` of the `r = T % C` tokens of the current chunk,
+           and `state: [B, s, e]` (float32 at least) = sum over finished chunks of `K_lin^T V`.
+    """
+
+    n: int = 0
+    keys: Tensor | None = None
+    lin_keys: Tensor | None = None
+    values: Tensor | None = None
+    state: Tensor | None = None
+
+
+def _append(old: Tensor | None, new: Tensor) -> Tensor:
+    return new if old is None else torch.cat((old, new), dim=-2)
+
+
+class GAU(nn.Module):
+    """Gated Attention Unit (no norm, no residual): `x: [B, L, d] -> [B, L, d]` (see the module docstring).
+
+    `norm_const` is the fixed quadratic normaliser: the model's `max_len` in quad mode (chunk mode divides by
+    `chunk_size` inside chunks). With `cache`, `x` holds the tokens after those already passed through it.
+    """
+
+    def __init__(self, d_model: int, expansion_dim: int, s: int, mode: str, chunk_size: int, causal: bool,
+                 norm_const: int):
+        super().__init__()
+        self.e, self.s, self.mode, self.chunk_size = expansion_dim, s, mode, chunk_size
+        self.causal, self.norm_const = causal, norm_const
+        self.uvz = nn.Linear(d_model, 2 * expansion_dim + s)
+        self.qk = OffsetScale(s, 2 if mode == "quad" else 4)  # quad: q, k; chunk: q_quad, k_quad, q_lin, k_lin
+        self.rope = RotaryEmbedding(s)
+        self.out = nn.Linear(expansion_dim, d_model)
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """`x: [B, L, d]` at positions `start..` -> `u, v: [B, L, e]` and the q/k tuple, each `[B, L, s]`
+        after RoPE (quad: q, k; chunk: q_quad, k_quad, q_lin, k_lin)."""
+        u, v, z = F.silu(self.uvz(x)).split((self.e, self.e, self.s), dim=-1)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return u, v, tuple(self.rope(t, positions) for t in self.qk(z))
+
+    def forward(self, x: Tensor, cache: GAUCache | None = None) -> Tensor:
+        u, v, qk = self.project(x, cache.n if cache is not None else 0)
+        if cache is not None:
+            attended = self._quad_step(*qk, v, cache) if self.mode == "quad" else self._chunk_step(*qk, v, cache)
+            cache.n += x.shape[1]
+        elif self.mode == "quad":
+            attended = relu2_attention(qk[0], qk[1], v, causal=self.causal, norm=self.norm_const)
+        else:
+            attended = mixed_chunk_attention(*qk, v, chunk_size=self.chunk_size, causal=self.causal)
+        return self.out(u * attended)
+
+    def _quad_step(self, q: Tensor, k: Tensor, v: Tensor, cache: GAUCache) -> Tensor:
+        cache.keys, cache.values = _append(cache.keys, k), _append(cache.values, v)
+        return relu2_attention_rows(q, cache.keys, cache.values, cache.n, norm=self.norm_const).to(v.dtype)
+
+    def _chunk_step(self, q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k_lin: Tensor, v: Tensor,
+                    cache: GAUCache) -> Tensor:
+        """Chunk segment by chunk segment: a token in chunk g sees its own chunk's earlier tokens (relu^2 / C)
+        and `q_lin . state / (g * C)`, the state holding chunks < g only; a finished chunk joins the state."""
+        c, n, outputs, i = self.chunk_size, cache.n, [], 0
+        while i < v.shape[1]:
+            g, r = divmod(n, c)
+            j = i + min(c - r, v.shape[1] - i)  # this segment: new tokens i..j-1, all in chunk g
+            cache.keys = _append(cache.keys, k_quad[:, i:j])
+            cache.lin_keys = _append(cache.lin_keys, k_lin[:, i:j])
+            cache.values = _append(cache.values, v[:, i:j])
+            out = relu2_attention_rows(q_quad[:, i:j], cache.keys, cache.values, r, norm=c)  # float32 at least
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                if g > 0:
+                    out = out + q_lin[:, i:j].to(out.dtype) @ (cache.state / (g * c))
+                if r + j - i == c:  # the chunk is complete: fold it into the state, start a new one
+                    kv = cache.lin_keys.to(out.dtype).transpose(-1, -2) @ cache.values.to(out.dtype)
+                    cache.state = kv if cache.state is None else cache.state + kv
+                    cache.keys = cache.lin_keys = cache.values = None
+            outputs.append(out.to(v.dtype))
+            n, i = n + j - i, j
+        return torch.cat(outputs, dim=1) if outputs else v.new_zeros(v.shape)
+
+
+class FLASHBlock(nn.Module):
+    """Pre-norm residual GAU: `x + Dropout(GAU(Norm(x)))`."""
+
+    def __init__(self, d_model: int, norm: str, dropout: float, **gau):
+        super().__init__()
+        self.norm = make_norm(norm, d_model)
+        self.gau = GAU(d_model, **gau)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: GAUCache | None = None) -> Tensor:
+        return x + self.drop(self.gau(self.norm(x), cache))
+
+
+@dataclass
+class FLASHCache:
+    """Incremental-decoding state of a whole `FLASH` model: one `GAUCache` per layer."""
+
+    layers: list[GAUCache] = field(default_factory=list)
+    n: int = 0
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class FLASH(nn.Module):
+    """FLASH / FLASH-Quad LM. `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`, `logits[:, t]` predicts
+    `tokens[:, t+1]` from `tokens[:, :t+1]` (with `causal=True`); any `L <= max_len` (chunk mode pads the last
+    chunk internally; padding is in every real token's future and adds exactly zero).
+
+    `mode="chunk"` is FLASH (mixed chunk attention, chunk `chunk_size`, paper default 256), `mode="quad"` is
+    FLASH-Quad (full relu^2 attention divided by `max_len`). `expansion * d_model` is the width e of U and V
+    (paper: 2), `s` the shared q/k width (paper: 128). Two GAU layers have about the parameters of one
+    Transformer block (12 d^2), so use twice the layers for a like-for-like comparison.
+    `norm`: `"scalenorm"` (paper) or `"layernorm"`. `causal=False` gives a bidirectional encoder (no cache).
+
+    Incremental decoding: `cache = model.new_cache()`, then `model(new_tokens, cache=cache)` returns the logits of
+    the new tokens only, for chunks of any size; equal to the uncached forward up to float rounding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        d_model: int = 512,
+        n_layers: int = 24,
+        expansion: float = 2,
+        s: int = 128,
+        mode: str = "chunk",
+        chunk_size: int = 256,
+        causal: bool = True,
+        dropout: float = 0.0,
+        max_len: int = 2048,
+        norm: str = "scalenorm",
+    ):
+        super().__init__()
+        for name, value, minimum in (("vocab_size", vocab_size, 1), ("d_model", d_model, 1),
+                                     ("n_layers", n_layers, 1), ("max_len", max_len, 1),
+                                     ("chunk_size", chunk_size, 1)):
+            _check_int(name, value, minimum)
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 2 or s % 2:
+            raise ValueError(f"s (the q/k width) must be an even integer >= 2 for RoPE, got {s!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'chunk' (FLASH) or 'quad' (FLASH-Quad), got {mode!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 'scalenorm' or 'layernorm', got {norm!r}")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be true or false, got {causal!r}")
+        if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        ok = isinstance(expansion, numbers.Real) and not isinstance(expansion, bool) and expansion > 0
+        if not ok or round(expansion * d_model) < 1:
+            raise ValueError(f"expansion must be a number > 0 with expansion * d_model >= 1 (paper: 2), "
+                             f"got {expansion!r}")
+        self.vocab_size, self.max_len, self.mode, self.causal = vocab_size, max_len, mode, causal
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.drop = nn.Dropout(dropout)
+        gau = dict(expansion_dim=round(expansion * d_model), s=s, mode=mode, chunk_size=chunk_size, causal=causal,
+                   norm_const=max_len)
+        self.blocks = nn.ModuleList(FLASHBlock(d_model, norm, dropout, **gau) for _ in range(n_layers))
+        self.norm = make_norm(norm, d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(_init_weights)
+
+    def new_cache(self) -> FLASHCache:
+        """An empty incremental-decoding cache (one state per layer)."""
+        if not self.causal:
+            raise ValueError("a bidirectional FLASH (causal=False) cannot decode incrementally; build it with "
+                             "causal=True")
+        return FLASHCache(layers=[GAUCache() for _ in self.blocks])
+
+    def forward(self, tokens: Tensor, cache: FLASHCache | None = None) -> Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}")
+        start = cache.n if cache is not None else 0
+        if start + tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds max_len={self.max_len}")
+        x = self.drop(self.embed(tokens))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.n += tokens.shape[1]
+        return self.head(self.norm(x))
