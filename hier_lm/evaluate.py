@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error
-from hier_lm.tasks import CHECKPOINT_KEY, metric_value, next_token_loss
+from hier_lm.tasks import CHECKPOINT_KEY, metric_value, scored_next_token_loss
 
 SPLITS = ("valid", "test")
 
@@ -29,7 +29,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     file, checkpoint = read_checkpoint(cfg.ckpt)
     data_cfg = dict(checkpoint[CHECKPOINT_KEY]["config"]["data"])
-    data_cfg.update({k: v for k, v in (("root", cfg.data_root), ("eval_batch_size", cfg.batch_size)) if v})
+    overrides = (("root", cfg.data_root), ("eval_batch_size", cfg.batch_size), ("eval_context", cfg.eval_context))
+    data_cfg.update({k: v for k, v in overrides if v is not None})
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
     datamodule.setup("validate" if cfg.split == "valid" else "test")
@@ -41,9 +42,9 @@ def evaluate(cfg: DictConfig) -> dict:
     for i, batch in enumerate(tqdm(loader, total=n_batches, desc=f"evaluating {cfg.split}")):
         if i == n_batches:
             break
-        batch = batch.to(cfg.device)
-        n = batch[:, 1:].numel()
-        total_nll += next_token_loss(model, batch).item() * n
+        batch = batch.to(cfg.device) if isinstance(batch, torch.Tensor) else [b.to(cfg.device) for b in batch]
+        loss, n = scored_next_token_loss(model, batch)
+        total_nll += loss.item() * n
         tokens += n
     loss = total_nll / max(tokens, 1)
     results = {"checkpoint": str(file), "split": cfg.split, "loss": loss,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hier_lm.data import ByteCorpus, resolve_paths
 from tests.helpers import subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,11 @@ def test_train_sample_evaluate(corpus_dir, tmp_path):
     assert results["bpc"] == pytest.approx(results["loss"] / 0.6931471805599453)
     assert 0 < results["unigram_entropy_bits"] < 8
     assert "bpc" in evaluated.stdout and "unigram entropy" in evaluated.stdout
+
+    cli("hier_lm.evaluate", f"ckpt={run_dir}", "split=valid", "eval_context=24", f"out={tmp_path / 'ctx.json'}")
+    with_context = json.loads((tmp_path / "ctx.json").read_text())
+    valid = ByteCorpus.build(resolve_paths([f"{corpus_dir}/*.py"])).split("valid")
+    assert with_context["tokens"] == len(valid) - 1  # every byte after the first scored exactly once
 
 
 def test_unknown_recipe_lists_the_available_ones(tmp_path):

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -121,7 +121,8 @@ class ByteCorpus:
     """The files' raw bytes concatenated in order (vocab 256, nothing dropped, no separators), cached as
     `<root>/textfiles/<key>/corpus.bin` (uint8) plus `meta.json`, and split into train/valid/test by bytes.
 
-    Open a finished cache folder with `ByteCorpus(path)`; make or reuse one with `ByteCorpus.build`.
+    Open a finished cache folder with `ByteCorpus(path)`; make or reuse one with `ByteCorpus.build`. Other
+    byte datasets (enwik8) write their own folder with `ByteCorpus.write` and reopen it with `open_finished`.
     """
 
     def __init__(self, path: str | Path):
@@ -169,44 +170,81 @@ class ByteCorpus:
     @staticmethod
     def _write(folder: Path, files: list[Path], stats: list[os.stat_result], bounds: dict[str, list[int]],
                fractions: tuple[float, float, float]) -> None:
+        def chunks() -> Iterator[bytes]:
+            for file, st in zip(files, stats):
+                size = 0
+                with open(file, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        size += len(chunk)
+                        yield chunk
+                if size != st.st_size:
+                    raise RuntimeError(f"{file} changed while the corpus was being cached "
+                                       f"({st.st_size} -> {size} bytes); run again")
+
+        ByteCorpus.write(folder, chunks(), bounds, {"format": _FORMAT, "files": len(files)},
+                         {"split_fractions": list(fractions)}, desc=f"caching {len(files)} files",
+                         progress=len(files) > _PROGRESS_MIN_FILES)
+
+    @staticmethod
+    def write(folder: str | Path, chunks: Iterable[bytes], bounds: dict[str, list[int]], head: dict | None = None,
+              tail: dict | None = None, desc: str = "caching", progress: bool = False,
+              verify: Callable[[str], None] | None = None) -> ByteCorpus:
+        """Write the byte stream `chunks` as the finished corpus `folder` and open it.
+
+        `bounds` are the splits' byte ranges `{"train": [0, a], "valid": [a, b], "test": [b, total]}`; the
+        stream must hold exactly `total` bytes. `meta.json` gets `head`, then `bytes`, `tail`, `splits`,
+        `sha256` and each split's `unigram_entropy_bits`. `verify(sha256_hex)`, if given, may reject the bytes
+        by raising. The bytes go to `corpus.bin.tmp` and the meta to `meta.json.tmp`, both renamed when
+        complete and verified (meta last), so a failed or interrupted write leaves no finished corpus behind
+        and does not damage the one already there until the rename.
+        """
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         total = bounds["test"][1]
         sha = hashlib.sha256()
         counts = np.zeros((len(SPLITS), 256), dtype=np.int64)
         offset = 0
-        with open(folder / "corpus.bin.tmp", "wb") as out, tqdm(
-                total=total, unit="B", unit_scale=True, desc=f"caching {len(files)} files",
-                disable=len(files) <= _PROGRESS_MIN_FILES) as bar:
-            for file, st in zip(files, stats):
-                size = 0
-                with open(file, "rb") as src:
-                    while chunk := src.read(_CHUNK):
-                        out.write(chunk)
-                        sha.update(chunk)
-                        data = np.frombuffer(chunk, dtype=np.uint8)
-                        for i, (start, end) in enumerate(bounds.values()):
-                            part = data[max(start - offset, 0):max(end - offset, 0)]
-                            counts[i] += np.bincount(part, minlength=256)
-                        offset += len(chunk)
-                        size += len(chunk)
-                        bar.update(len(chunk))
-                if size != st.st_size:
-                    raise RuntimeError(f"{file} changed while the corpus was being cached "
-                                       f"({st.st_size} -> {size} bytes); run again")
-            out.flush()
-            os.fsync(out.fileno())
-        meta = {
-            "format": _FORMAT,
-            "files": len(files),
-            "bytes": total,
-            "split_fractions": list(fractions),
-            "splits": bounds,
-            "sha256": sha.hexdigest(),
-            "unigram_entropy_bits": {name: _entropy_bits(c) for name, c in zip(SPLITS, counts)},
-        }
-        os.replace(folder / "corpus.bin.tmp", folder / "corpus.bin")
+        tmp = folder / "corpus.bin.tmp"
+        try:
+            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                                              disable=not progress) as bar:
+                for chunk in chunks:
+                    out.write(chunk)
+                    sha.update(chunk)
+                    data = np.frombuffer(chunk, dtype=np.uint8)
+                    for i, (start, end) in enumerate(bounds[name] for name in SPLITS):
+                        part = data[max(start - offset, 0):max(end - offset, 0)]
+                        counts[i] += np.bincount(part, minlength=256)
+                    offset += len(chunk)
+                    bar.update(len(chunk))
+                if offset != total:
+                    raise ValueError(f"expected {total:,} bytes for {folder / 'corpus.bin'}, got {offset:,}")
+                out.flush()
+                os.fsync(out.fileno())
+            if verify is not None:
+                verify(sha.hexdigest())
+            meta = {
+                **(head or {}),
+                "bytes": total,
+                **(tail or {}),
+                "splits": {name: [int(x) for x in bounds[name]] for name in SPLITS},
+                "sha256": sha.hexdigest(),
+                "unigram_entropy_bits": {name: _entropy_bits(c) for name, c in zip(SPLITS, counts)},
+            }
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # An older corpus here stops being "finished" before its bytes are replaced.
+        (folder / "meta.json").unlink(missing_ok=True)
+        os.replace(tmp, folder / "corpus.bin")
         (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(folder / "meta.json.tmp", folder / "meta.json")
+        return ByteCorpus(folder)
+
+    @classmethod
+    def open_finished(cls, folder: str | Path) -> ByteCorpus | None:
+        """The finished corpus in `folder`, or None if there is none (absent, half-written or damaged)."""
+        return cls(folder) if cls._read_meta(Path(folder)) is not None else None
 
     def _check_name(self, name: str) -> None:
         if name not in SPLITS:

@@ -1,4 +1,6 @@
-"""`TextFilesDataModule`: any files (by default the Python standard library) as a byte-level LM dataset."""
+"""Byte-level LM data served from a `ByteCorpus`: the shared `ByteLMDataModule` (random training windows,
+resumable; contiguous evaluation windows, optionally with unscored context) and `TextFilesDataModule` (any
+files, by default the Python standard library)."""
 
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ class _SplitReader:
     """Reads one split of a `ByteCorpus` through a memmap opened lazily in the process that reads (a
     DataLoader worker included); the memmap is never pickled."""
 
-    def __init__(self, corpus: ByteCorpus, split: str, seq_len: int):
+    def __init__(self, corpus: ByteCorpus, split: str, seq_len: int, hint: str = ""):
         start, end = corpus.meta["splits"][split]
         if end - start < seq_len + 1:
             raise ValueError(f"the {split} split has {end - start:,} bytes, fewer than data.seq_len + 1 = "
-                             f"{seq_len + 1:,}: lower data.seq_len or add files to data.paths")
+                             f"{seq_len + 1:,}: lower data.seq_len{hint}")
         self.corpus, self.split, self.seq_len, self.length = corpus, split, seq_len, end - start
         self._data: np.memmap | None = None
 
@@ -48,8 +50,9 @@ class TrainBatches(_SplitReader, IterableDataset):
     workers gives the same sequence for any number of workers.
     """
 
-    def __init__(self, corpus: ByteCorpus, seq_len: int, batch_size: int, seed: int, rank: int, start: int):
-        super().__init__(corpus, "train", seq_len)
+    def __init__(self, corpus: ByteCorpus, seq_len: int, batch_size: int, seed: int, rank: int, start: int,
+                 hint: str = ""):
+        super().__init__(corpus, "train", seq_len, hint)
         self.batch_size, self.seed, self.rank, self.start = batch_size, seed, rank, start
 
     def batch(self, b: int) -> torch.Tensor:
@@ -63,61 +66,94 @@ class TrainBatches(_SplitReader, IterableDataset):
 
 
 class EvalWindows(_SplitReader, Dataset):
-    """Contiguous, non-overlapping windows of an evaluation split: item `i` is `LongTensor[seq_len + 1]`,
-    bytes `[i * seq_len, i * seq_len + seq_len + 1)`; every byte after the first is a target exactly once
-    (the last partial window is dropped)."""
+    """Contiguous windows `LongTensor[seq_len + 1]` of an evaluation split that score its bytes in order.
+
+    `context == 0`: non-overlapping windows, item `i` = bytes `[i * seq_len, i * seq_len + seq_len + 1)`;
+    every byte after the first is a target exactly once, except the last partial window, which is dropped.
+
+    `context > 0`: item `i` is `(window, n_context)`: the window's first `n_context` targets are context
+    only (fed to the model, not scored) and the remaining `seq_len - n_context` are scored. Window 0 is
+    bytes `[0, seq_len + 1)` with `n_context = 0`; every later window scores the next `seq_len - context`
+    targets after `context` unscored ones, and the last window is aligned to the split's end (more context,
+    fewer scored). So every byte after the first is scored exactly once (`length - 1` in all), each with
+    at least `context` earlier bytes of the window before it, except in window 0.
+    """
+
+    def __init__(self, corpus: ByteCorpus, split: str, seq_len: int, context: int = 0, hint: str = ""):
+        super().__init__(corpus, split, seq_len, hint)
+        if not 0 <= context < seq_len:
+            raise ValueError(f"data.eval_context must be in [0, data.seq_len) = [0, {seq_len}), got {context}")
+        self.context = context
 
     def __len__(self) -> int:
-        return (self.length - 1) // self.seq_len
+        if self.context == 0:
+            return (self.length - 1) // self.seq_len
+        stride = self.seq_len - self.context
+        return 1 + -(-(self.length - 1 - self.seq_len) // stride)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def num_scored(self) -> int:
+        """Targets scored over all windows."""
+        return len(self) * self.seq_len if self.context == 0 else self.length - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range [0, {len(self)})")
-        return self._windows(np.array([i * self.seq_len]))[0]
+        if self.context == 0:
+            return self._windows(np.array([i * self.seq_len]))[0]
+        if i == 0:
+            return self._windows(np.array([0]))[0], 0
+        # Window i scores targets (split positions) [first, last]; its start puts `last` at its end.
+        first = self.seq_len + 1 + (i - 1) * (self.seq_len - self.context)
+        last = min(first + self.seq_len - self.context, self.length) - 1
+        start = last - self.seq_len
+        return self._windows(np.array([start]))[0], first - 1 - start
 
 
-class TextFilesDataModule(L.LightningDataModule):
-    """Byte-level language modelling (vocab 256, metric bpc) on any files, by default the running
-    interpreter's standard library; the bytes are cached once as a uint8 memmap (see `ByteCorpus`).
+class ByteLMDataModule(L.LightningDataModule):
+    """Byte-level language modelling (vocab 256, metric bpc) on a `ByteCorpus` that a subclass makes in
+    `_build()` (which must reuse an existing cache) and whose `__init__` saves at least the hyperparameters
+    `seq_len, batch_size, eval_batch_size, num_workers, seed` (and optionally `eval_context`).
 
-    Batches are `LongTensor[B, seq_len + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`): endless random windows
-    for training, resumable by batch index (`state_dict`), and contiguous windows for valid/test.
+    Training batches are `LongTensor[batch_size, seq_len + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`):
+    endless random windows, resumable by batch index (`state_dict`). Evaluation batches are contiguous
+    windows (`EvalWindows`): `LongTensor[B, seq_len + 1]` with `eval_context = 0`, else the pair
+    `[LongTensor[B, seq_len + 1], LongTensor[B]]` = (windows, n_context): the targets `[:, 1 + n_context:]`
+    of each row are scored, the first `n_context` targets are context only.
     """
 
     vocab_size = 256
     metric = "bpc"
+    _more_data_hint = ""  # appended to "lower data.seq_len" when a split is too short
 
-    def __init__(self, paths: Sequence[str] = ("stdlib",), root: str | Path | None = None, seq_len: int = 256,
-                 batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
-                 splits: Sequence[float] = DEFAULT_SPLITS):
+    @staticmethod
+    def _check_sizes(**values: int) -> None:
+        least = {"num_workers": 0, "seed": 0, "eval_context": 0}
+        for name, value in values.items():
+            if value is not None and value < least.get(name, 1):
+                raise ValueError(f"data.{name} must be at least {least.get(name, 1)}, got {value}")
+        if values.get("eval_context", 0) >= values["seq_len"]:
+            raise ValueError(f"data.eval_context must be smaller than data.seq_len = {values['seq_len']} (the window "
+                             f"scores its last seq_len - eval_context bytes), got {values['eval_context']}")
+
+    def __init__(self):
         super().__init__()
-        for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                                   ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1), ("num_workers", num_workers, 0),
-                                   ("seed", seed, 0)):
-            if value < least:
-                raise ValueError(f"data.{name} must be at least {least}, got {value}")
-        # Plain Python values (not Hydra's ListConfig, not Path) so that checkpoints load with weights_only=True.
-        paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        root = None if root is None else os.fspath(root)
-        splits = check_splits(splits)
-        self.save_hyperparameters()
         self.corpus: ByteCorpus | None = None
         self._train_batches = 0
 
     def _build(self) -> ByteCorpus:
-        return ByteCorpus.build(resolve_paths(self.hparams.paths), self.hparams.root, self.hparams.splits)
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Build the byte cache if absent (Lightning calls this on one process only)."""
         self._build()
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the byte cache as `self.corpus`."""
+        """Open the byte cache as `self.corpus` (building it first if this process finds none)."""
         self.corpus = self._build()
 
     def _opened(self) -> ByteCorpus:
         if self.corpus is None:
-            raise RuntimeError("TextFilesDataModule: call prepare_data() and setup() before asking for data")
+            raise RuntimeError(f"{type(self).__name__}: call prepare_data() and setup() before asking for data")
         return self.corpus
 
     def _batches_consumed(self) -> int:
@@ -135,27 +171,30 @@ class TextFilesDataModule(L.LightningDataModule):
         """Endless `LongTensor[batch_size, seq_len + 1]` batches, starting at the batch index consumed so far."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
         dataset = TrainBatches(self._opened(), self.hparams.seq_len, self.hparams.batch_size, self.hparams.seed,
-                               rank, self._batches_consumed())
+                               rank, self._batches_consumed(), self._more_data_hint)
         return self._loader(dataset, batch_size=None)
 
+    def _eval_windows(self, split: str) -> EvalWindows:
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"unknown evaluation split {split!r}; choose one of {EVAL_SPLITS}")
+        return EvalWindows(self._opened(), split, self.hparams.seq_len, self.hparams.get("eval_context", 0),
+                           self._more_data_hint)
+
     def _eval_dataloader(self, split: str) -> DataLoader:
-        dataset = EvalWindows(self._opened(), split, self.hparams.seq_len)
-        return self._loader(dataset, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-                            shuffle=False)
+        return self._loader(self._eval_windows(split),
+                            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        """Contiguous `LongTensor[eval_batch_size, seq_len + 1]` windows of the valid split."""
+        """Contiguous windows of the valid split (see the class docstring for the batch format)."""
         return self._eval_dataloader("valid")
 
     def test_dataloader(self) -> DataLoader:
-        """Contiguous `LongTensor[eval_batch_size, seq_len + 1]` windows of the test split."""
+        """Contiguous windows of the test split (see the class docstring for the batch format)."""
         return self._eval_dataloader("test")
 
     def num_eval_tokens(self, split: str) -> int:
-        """Number of predicted bytes in the `"valid"` or `"test"` evaluation windows."""
-        if split not in EVAL_SPLITS:
-            raise ValueError(f"unknown evaluation split {split!r}; choose one of {EVAL_SPLITS}")
-        return len(EvalWindows(self._opened(), split, self.hparams.seq_len)) * self.hparams.seq_len
+        """Number of scored bytes in the `"valid"` or `"test"` evaluation windows."""
+        return self._eval_windows(split).num_scored()
 
     def state_dict(self) -> dict:
         """`{"train_batches": batches consumed so far, "seed": seed}`, saved in checkpoints."""
@@ -167,3 +206,30 @@ class TextFilesDataModule(L.LightningDataModule):
             raise ValueError(f"the checkpoint's data was drawn with data.seed={state['seed']}, but this run has "
                              f"data.seed={self.hparams.seed}; resume with data.seed={state['seed']}")
         self._train_batches = int(state["train_batches"])
+
+
+class TextFilesDataModule(ByteLMDataModule):
+    """Byte-level language modelling (vocab 256, metric bpc) on any files, by default the running
+    interpreter's standard library; the bytes are cached once as a uint8 memmap (see `ByteCorpus`).
+
+    Batches as in `ByteLMDataModule`: `LongTensor[B, seq_len + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`),
+    endless random windows for training, resumable by batch index (`state_dict`), and contiguous windows
+    for valid/test.
+    """
+
+    _more_data_hint = " or add files to data.paths"
+
+    def __init__(self, paths: Sequence[str] = ("stdlib",), root: str | Path | None = None, seq_len: int = 256,
+                 batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 splits: Sequence[float] = DEFAULT_SPLITS, eval_context: int = 0):
+        super().__init__()
+        self._check_sizes(seq_len=seq_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                          num_workers=num_workers, seed=seed, eval_context=eval_context)
+        # Plain Python values (not Hydra's ListConfig, not Path) so that checkpoints load with weights_only=True.
+        paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        root = None if root is None else os.fspath(root)
+        splits = check_splits(splits)
+        self.save_hyperparameters()
+
+    def _build(self) -> ByteCorpus:
+        return ByteCorpus.build(resolve_paths(self.hparams.paths), self.hparams.root, self.hparams.splits)
