@@ -10,6 +10,8 @@ TINY_MODEL = {
     "transformer": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64"],
     "hourglass": ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.hierarchy='1@1 1@2 1@1'"],
     "flash": ["model.d_model=32", "model.n_layers=2", "model.s=16", "model.chunk_size=8"],
+    "h_transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+                      "model.block_size=4"],
 }
 
 

@@ -27,6 +27,10 @@ TINY = {
     "flash-quad": dict(name="flash", d_model=32, n_layers=2, s=16, dropout=0.0, max_len=64, mode="quad"),
     "flash-chunk": dict(name="flash", d_model=32, n_layers=2, s=16, dropout=0.0, max_len=64, mode="chunk",
                         chunk_size=8),
+    "h_transformer-hrpb": dict(name="h_transformer", d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0,
+                               block_size=4, max_len=64, pos="hrpb"),
+    "h_transformer-rope": dict(name="h_transformer", d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0,
+                               block_size=4, max_len=64, pos="rope", value_coarsening="mean"),
 }
 
 

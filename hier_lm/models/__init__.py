@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from torch import nn
 
 from hier_lm.models.flash import FLASH
+from hier_lm.models.h_transformer import HTransformer1D
 from hier_lm.models.hourglass import Hourglass
 from hier_lm.models.transformer import Transformer
 
-MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "hourglass": Hourglass, "flash": FLASH}
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "hourglass": Hourglass, "flash": FLASH,
+                                      "h_transformer": HTransformer1D}
 
-__all__ = ["FLASH", "MODELS", "Hourglass", "Transformer", "build_model"]
+__all__ = ["FLASH", "MODELS", "HTransformer1D", "Hourglass", "Transformer", "build_model"]
 
 
 def build_model(config: Mapping) -> nn.Module:

@@ -7,3 +7,4 @@ from hier_lm.ops.chunk_attention import (
     relu2_attention_rows,
 )
 from hier_lm.ops.h_attention import h_attention
+from hier_lm.ops.h_attention_cache import HAttentionCache, h_attention_decode

@@ -15,7 +15,8 @@ Coarsening (the "pyramid"), over the real (unpadded) tokens of each group only:
     queries mean of the group (bidirectional), or its FIRST token (causal: no leakage from the future).
 Padding only ever fills the end of the last real group of a level. There the official code takes the mean of
 the non-empty children's means, level by level; here the mean is over the group's real tokens (each real
-token weighs the same). Both agree on every group without padding.
+token weighs the same). Both agree on every group without padding. A right-padded batch (``lengths``, one
+length per row) is the same thing row by row: the pyramid's counts and masks then get a leading [B, 1].
 
 Which (query, key) pairs each level covers (coarse query ``a``, coarse key ``c``, ``blk(x) = x // Nr``):
     level 0:   ``blk(c) - blk(a)`` in {-1, 0, +1} (causal: {-1, 0} and ``c <= a``);
@@ -59,9 +60,10 @@ class _Level(NamedTuple):
     query: Tensor  # [B, H, n, D]  scaled by D**-0.5; group mean (bidirectional) or first token (causal)
     key: Tensor  # [B, H, n, D]  mean of the group's real tokens (0 for an all-padding group)
     value: Tensor  # [B, H, n, E]  sum ("sum") or mean ("mean") of the group's real tokens
-    key_weight: Tensor  # [n]  real tokens per group ("sum"), or 1 ("mean"): what a key adds to the denominator
-    key_bias: Tensor  # [n]  logit bias: 0 ("sum"), or log(real tokens per group) ("mean")
-    key_valid: Tensor  # [n]  bool: the group holds at least one real token
+    key_weight: Tensor  # [*, n]  real tokens per group ("sum"), or 1 ("mean"): what a key adds to the denominator
+    key_bias: Tensor  # [*, n]  logit bias: 0 ("sum"), or log(real tokens per group) ("mean")
+    key_valid: Tensor  # [*, n]  bool: the group holds at least one real token
+    # (* = nothing when every row has the same length, [B, 1] with per-row lengths)
 
 
 class _Partial(NamedTuple):
@@ -114,6 +116,18 @@ def _check_rpb(rpb: Tensor, heads: int, block_size: int) -> Tensor:
     return rpb
 
 
+def _check_lengths(lengths, batch: int, length: int, device) -> Tensor:
+    """lengths: [B] integers in [0, L] -> a long tensor on `device`."""
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"lengths must be [B={batch}] integers (real tokens per row), got "
+                         f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+    if lengths.numel() and (lengths.min() < 0 or lengths.max() > length):
+        raise ValueError(f"lengths must lie in [0, L={length}], got min {lengths.min().item()}, "
+                         f"max {lengths.max().item()}")
+    return lengths.long()
+
+
 def _dtypes(*tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(output dtype, compute dtype): the promoted input dtype, and it promoted to at least float32."""
     out = tensors[0].dtype
@@ -150,18 +164,19 @@ def _coarsening_pyramid(
 ) -> list[_Level]:
     """The M levels of coarse queries / keys / values (see the module docstring).
 
-    q, k: [B, H, L_pad, D] (q already scaled), v: [B, H, L_pad, E], padded rows zero; real: [L_pad] bool.
+    q, k: [B, H, L_pad, D] (q already scaled), v: [B, H, L_pad, E], padded rows zero;
+    real: [L_pad] or [B, 1, L_pad] bool (per-row lengths).
     """
-    count = real.to(q.dtype)  # real fine tokens per group, [n]
+    count = real.to(q.dtype)  # real fine tokens per group, [*, n]
     q_sum, k_sum, v_sum = q, k, v  # sums over each group's real tokens (padded rows are zero)
     pyramid = []
     for level in range(levels):
         if level > 0:
-            count, k_sum, v_sum = _pairwise_sum(count[:, None])[:, 0], _pairwise_sum(k_sum), _pairwise_sum(v_sum)
+            count, k_sum, v_sum = _pairwise_sum(count[..., None])[..., 0], _pairwise_sum(k_sum), _pairwise_sum(v_sum)
             if not causal:
                 q_sum = _pairwise_sum(q_sum)
         valid = count > 0
-        per_token = count.clamp(min=1)[:, None]  # avoids 0/0 in all-padding groups (their sums are 0)
+        per_token = count.clamp(min=1)[..., None]  # avoids 0/0 in all-padding groups (their sums are 0)
         # causal: the first token of each group, q[a * 2**l] (sampled at stride 2**l, never averaged)
         query = q[..., :: 2**level, :] if causal else q_sum / per_token
         key = k_sum / per_token
@@ -245,32 +260,32 @@ def _level_block_scores(
     coarse: _Level, level: int, causal: bool, block_size: int, rpb: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-level block scores, masked. With N = n / Nr blocks and K = len(offsets) * Nr keys per window:
-    (scores [B, H, N, Nr, K], -inf where not allowed; key values [B, H, N, K, E]; key weights [N, K])."""
+    (scores [B, H, N, Nr, K], -inf where not allowed; key values [B, H, N, K, E]; key weights [*, N, K])."""
     offsets = _neighbour_offsets(level, causal)
     query = coarse.query.unflatten(-2, (coarse.query.shape[-2] // block_size, block_size))  # [B, H, N, Nr, D]
     key = _neighbour_blocks(coarse.key, offsets, block_size)  # [B, H, N, K, D]
     value = _neighbour_blocks(coarse.value, offsets, block_size)  # [B, H, N, K, E]
     per_key = torch.stack([coarse.key_weight, coarse.key_bias, coarse.key_valid.to(coarse.key_bias.dtype)], -1)
-    weight, bias, valid = _neighbour_blocks(per_key, offsets, block_size).unbind(-1)  # [N, K] each
+    weight, bias, valid = _neighbour_blocks(per_key, offsets, block_size).unbind(-1)  # [*, N, K] each
 
-    scores = query @ key.transpose(-1, -2) + bias[:, None, :]  # [B, H, N, Nr, K]
+    scores = query @ key.transpose(-1, -2) + bias[..., None, :]  # [B, H, N, Nr, K]
     if rpb is not None:
         scores = scores + _relative_position_bias(rpb, offsets, block_size)[:, None]  # [H, 1, Nr, K]
     pattern = _block_pattern(offsets, level, causal, block_size, scores.device)  # [Nr, K]
-    allowed = pattern & (valid[:, None, :] > 0)  # [N, Nr, K]; missing neighbours and padding are invalid
+    allowed = pattern & (valid[..., None, :] > 0)  # [*, N, Nr, K]; missing neighbours and padding are invalid
     return scores.masked_fill(~allowed, float("-inf")), value, weight
 
 
 def _partial_softmax(scores: Tensor, value: Tensor, weight: Tensor) -> _Partial:
     """Row-stabilised partial softmax of one level, flattened back to its resolution.
 
-    scores [B, H, N, Nr, K] (-inf = not allowed), value [B, H, N, K, E], weight [N, K].
+    scores [B, H, N, Nr, K] (-inf = not allowed), value [B, H, N, K, E], weight [N, K] or [B, 1, N, K].
     """
     row_max = scores.detach().amax(-1)  # [B, H, N, Nr]
     offset = torch.where(torch.isfinite(row_max), row_max, 0.0)  # rows without any key: exp(-inf - 0) = 0
     p = torch.exp(scores - offset[..., None])
     numerator = p @ value  # [B, H, N, Nr, E]
-    denominator = (p * weight[:, None, :]).sum(-1)  # [B, H, N, Nr]
+    denominator = (p * weight[..., None, :]).sum(-1)  # [B, H, N, Nr]
     return _Partial(numerator.flatten(-3, -2), denominator.flatten(-2), row_max.flatten(-2))
 
 
@@ -306,6 +321,7 @@ def h_attention(
     causal: bool = True,
     value_coarsening: str = "sum",
     rpb: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """H-Transformer-1D attention ``softmax(S_hat) @ v`` in O(L * Nr * D) time and memory.
 
@@ -321,6 +337,9 @@ def h_attention(
         rpb: optional hierarchical relative position bias, ``[H, 4*Nr - 1]`` or ``[4*Nr - 1]``: entry
             ``r + 2*Nr - 1`` is added to every logit whose key is ``r`` tokens of its level right of the
             query (``r = c - a``, in [-(2Nr-1), 2Nr-1]); one table shared by all levels (official h-RPB).
+        lengths: optional ``[B]`` integers in ``[0, L]``: row ``b`` holds ``lengths[b]`` real tokens followed
+            by padding (a right-padded batch). Padding is neither a key nor a query (its rows of q, k, v are
+            ignored) and its outputs are zero; each row equals ``h_attention`` on its real tokens alone.
 
     Returns:
         ``[B, H, L, E]`` in the inputs' (promoted) dtype.
@@ -332,6 +351,8 @@ def h_attention(
     _, heads, length, dim = q.shape
     if rpb is not None:
         rpb = _check_rpb(rpb, heads, block_size)
+    if lengths is not None:
+        lengths = _check_lengths(lengths, q.shape[0], length, q.device)
     out_dtype, dtype = _dtypes(q, k, v)  # rpb (a parameter, often float32) does not change the output dtype
     if length == 0:
         return v.new_zeros(v.shape, dtype=out_dtype)
@@ -340,7 +361,10 @@ def h_attention(
     with _no_autocast(q.device):
         q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)) for x in (q, k, v))
         q = q * dim**-0.5
-        real = torch.arange(padded, device=q.device) < length
+        real = torch.arange(padded, device=q.device) < length  # [L_pad]
+        if lengths is not None:  # per row: [B, 1, L_pad]; padded rows of q, k, v become zero
+            real = real & (torch.arange(padded, device=q.device) < lengths[:, None, None])
+            q, k, v = (torch.where(real[..., None], x, 0.0) for x in (q, k, v))
         rpb = None if rpb is None else rpb.to(dtype)
         pyramid = _coarsening_pyramid(q, k, v, real, levels, causal, value_coarsening)
 
@@ -351,5 +375,9 @@ def h_attention(
             merged = partial if merged is None else _lse_merge(partial, _upsample(merged))
 
         # every real row has at least one allowed key (itself, or its own block), so denominator >= 1
-        out = merged.numerator[..., :length, :] / merged.denominator[..., :length, None]
+        numerator, denominator = merged.numerator[..., :length, :], merged.denominator[..., :length, None]
+        if lengths is None:
+            out = numerator / denominator
+        else:  # padded query rows may have no key at all (0 / 0): their output is zero
+            out = torch.where(real[..., :length, None], numerator / denominator.clamp(min=1e-30), 0.0)
     return out.to(out_dtype)
