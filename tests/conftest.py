@@ -1,10 +1,16 @@
 """Shared fixtures: a small real-text corpus and an isolated data cache."""
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+# Triton kernels run on CPU tensors in Triton's interpreter: the variable must be set before triton is imported.
+# On a machine with a GPU (TRITON_INTERPRET unset) the same kernel tests run on CUDA tensors instead.
+if os.environ.get("HIER_LM_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A few real standard-library modules: about 150 KB of Python text.
 CORPUS_MODULES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "bisect.py", "heapq.py", "calendar.py")
