@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.common import cpu_allocation_profile
-from hier_lm.ops import h_attention
+from hier_lm.ops import h_attention, h_attention_level_masks, h_attention_levels, h_attention_num_levels
 
 F64 = torch.float64
 
@@ -38,46 +38,17 @@ def full_attention(q, k, v, causal):
 # --------------------------------------------------------------------------------- the dense oracle
 
 
-def oracle_num_levels(length, nr):
-    """M >= 1 with nr * 2**M the smallest such length >= L."""
-    levels = 1
-    while nr * 2**levels < length:
-        levels += 1
-    return levels
-
-
-def oracle_pair_in_level(i, j, level, nr, causal):
-    """Does level `level` cover the fine pair (query i, key j)? research/h_transformer_1d.md §1.3 closed form.
-
-    Level 0: key block - query block in {-1, 0, +1} (causal: {-1, 0} and j <= i).
-    Level l >= 1, coarse tokens a = i >> l, c = j >> l: their blocks differ by exactly 1 (causal: key block
-    = query block - 1) and their half blocks (size nr/2) by at least 2.
-    """
-    if level == 0:
-        block_offset = j // nr - i // nr
-        if causal:
-            return block_offset in (-1, 0) and j <= i
-        return block_offset in (-1, 0, 1)
-    a, c, half = i >> level, j >> level, nr // 2
-    block_offset = c // nr - a // nr
-    if block_offset not in ((-1,) if causal else (-1, 1)):
-        return False
-    return abs(a // half - c // half) >= 2
-
-
 def oracle_level_matrix(length, nr, causal):
-    """[L][L] list: the level covering each pair, or None (not allowed). Asserts the exact partition:
-    every allowed pair (causal: j <= i, else all) is covered by exactly one level, no other pair by any."""
-    levels = oracle_num_levels(length, nr)
-    matrix = [[None] * length for _ in range(length)]
-    for i in range(length):
-        for j in range(length):
-            covering = [lv for lv in range(levels) if oracle_pair_in_level(i, j, lv, nr, causal)]
-            allowed = j <= i or not causal
-            assert len(covering) == (1 if allowed else 0), (i, j, covering)
-            if covering:
-                matrix[i][j] = covering[0]
-    return matrix
+    """[L, L] long: the level covering each pair, or -1 (not allowed), from the closed form of research
+    §1.3 (`h_attention_level_masks`). Asserts the exact partition: every allowed pair (causal: j <= i, else
+    all) is covered by exactly one level, no other pair by any."""
+    masks = h_attention_level_masks(length, nr, causal)
+    allowed = torch.ones(length, length, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    covering = masks.sum(0)
+    assert torch.equal(covering, allowed.long()), (covering != allowed.long()).nonzero()[:5].tolist()
+    return h_attention_levels(length, nr, causal)
 
 
 def oracle_coarse_rows(x, level, length, sample_first):
@@ -104,8 +75,8 @@ def dense_h_attention(q, k, v, nr, causal, rpb=None):
     length, dim = q.shape[-2:]
     matrix = oracle_level_matrix(length, nr, causal)
     s_hat = torch.full((*q.shape[:-2], length, length), float("-inf"), dtype=F64)
-    for level in range(oracle_num_levels(length, nr)):
-        covered = torch.tensor([[matrix[i][j] == level for j in range(length)] for i in range(length)])
+    for level in range(h_attention_num_levels(length, nr)):
+        covered = matrix == level
         q_rows = oracle_coarse_rows(q, level, length, sample_first=causal)
         k_rows = oracle_coarse_rows(k, level, length, sample_first=False)
         logits = q_rows @ k_rows.transpose(-1, -2) / math.sqrt(dim)

@@ -8,3 +8,4 @@ from hier_lm.ops.chunk_attention import (
 )
 from hier_lm.ops.h_attention import h_attention
 from hier_lm.ops.h_attention_cache import HAttentionCache, h_attention_decode
+from hier_lm.ops.h_attention_structure import h_attention_level_masks, h_attention_levels, h_attention_num_levels
