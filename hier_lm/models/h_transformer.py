@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from hier_lm.models.layers import FeedForward, RotaryEmbedding
 from hier_lm.models.transformer import _init_weights
+from hier_lm.ops.dispatch import IMPLS
 from hier_lm.ops.h_attention import VALUE_COARSENINGS, _check_block_size, h_attention
 from hier_lm.ops.h_attention_cache import HAttentionCache, h_attention_decode
 
@@ -44,10 +45,11 @@ class HAttention(nn.Module):
     after the cached ones."""
 
     def __init__(self, d_model: int, n_heads: int, block_size: int, causal: bool, value_coarsening: str,
-                 pos: str):
+                 pos: str, attn_impl: str = "auto"):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.block_size, self.causal, self.value_coarsening = block_size, causal, value_coarsening
+        self.attn_impl = attn_impl
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim) if pos == "rope" else None
@@ -62,8 +64,8 @@ class HAttention(nn.Module):
             q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is None:
             y = h_attention(q, k, v, self.block_size, causal=self.causal, value_coarsening=self.value_coarsening,
-                            rpb=self.rpb, lengths=lengths)
-        else:
+                            rpb=self.rpb, lengths=lengths, impl=self.attn_impl)
+        else:  # cached decoding: always the PyTorch reference (a few rows per step)
             y = h_attention_decode(q, k, v, cache, self.block_size, self.value_coarsening, self.rpb)
         return self.out(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
@@ -89,7 +91,8 @@ class HTransformer1D(nn.Module):
 
     `block_size` is Nr, the level-0 block size (even); `pos`: `"hrpb"` (official hierarchical relative
     position bias) or `"rope"`; `value_coarsening`: `"sum"` or `"mean"` (the same function, see
-    `h_attention`).
+    `h_attention`); `attn_impl`: `"auto"` (Triton kernels on CUDA, the PyTorch reference on CPU), `"torch"`
+    or `"triton"` for the uncached forward (cached decoding always runs the reference).
 
     Incremental decoding: `cache = model.new_cache()`, then `model(new_tokens, cache=cache)` returns the logits
     of the new tokens only, for chunks of any size; equal to the uncached forward up to float rounding, at a
@@ -114,8 +117,11 @@ class HTransformer1D(nn.Module):
         value_coarsening: str = "sum",
         causal: bool = True,
         num_classes: int | None = None,
+        attn_impl: str = "auto",
     ):
         super().__init__()
+        if attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}, got {attn_impl!r}")
         if pos not in POSITIONS:
             raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
         if value_coarsening not in VALUE_COARSENINGS:
@@ -137,7 +143,8 @@ class HTransformer1D(nn.Module):
         self.block_size = block_size
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
-        attention = dict(block_size=block_size, causal=causal, value_coarsening=value_coarsening, pos=pos)
+        attention = dict(block_size=block_size, causal=causal, value_coarsening=value_coarsening, pos=pos,
+                         attn_impl=attn_impl)
         self.blocks = nn.ModuleList(
             HBlock(d_model, n_heads, d_ff or 4 * d_model, dropout, **attention) for _ in range(n_layers)
         )

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hier_lm.ops.dispatch import resolve_impl
+
 __all__ = ["h_attention"]
 
 VALUE_COARSENINGS = ("sum", "mean")
@@ -322,6 +324,7 @@ def h_attention(
     value_coarsening: str = "sum",
     rpb: Tensor | None = None,
     lengths: Tensor | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """H-Transformer-1D attention ``softmax(S_hat) @ v`` in O(L * Nr * D) time and memory.
 
@@ -340,6 +343,8 @@ def h_attention(
         lengths: optional ``[B]`` integers in ``[0, L]``: row ``b`` holds ``lengths[b]`` real tokens followed
             by padding (a right-padded batch). Padding is neither a key nor a query (its rows of q, k, v are
             ignored) and its outputs are zero; each row equals ``h_attention`` on its real tokens alone.
+        impl: ``"auto"`` (the Triton kernels of ``ops/h_attention_triton.py`` for CUDA tensors, except
+            float64, which has no kernel; this reference otherwise), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``[B, H, L, E]`` in the inputs' (promoted) dtype.
@@ -354,8 +359,13 @@ def h_attention(
     if lengths is not None:
         lengths = _check_lengths(lengths, q.shape[0], length, q.device)
     out_dtype, dtype = _dtypes(q, k, v)  # rpb (a parameter, often float32) does not change the output dtype
+    backend = resolve_impl(impl, q)
     if length == 0:
         return v.new_zeros(v.shape, dtype=out_dtype)
+    if backend == "triton" and not (impl == "auto" and out_dtype == torch.float64):
+        from hier_lm.ops.h_attention_triton import h_attention_triton  # imports triton: only when used
+
+        return h_attention_triton(q, k, v, block_size, causal, value_coarsening, rpb, lengths)
 
     levels, padded = _hierarchy_size(length, block_size)
     with _no_autocast(q.device):
