@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from hier_lm.models.layers import RotaryEmbedding
 from hier_lm.models.transformer import _init_weights
 from hier_lm.ops import mixed_chunk_attention, relu2_attention, relu2_attention_rows
+from hier_lm.ops.dispatch import IMPLS
 
 MODES = ("quad", "chunk")
 NORMS = ("scalenorm", "layernorm")
@@ -100,13 +101,14 @@ class GAU(nn.Module):
 
     `norm_const` is the fixed quadratic normaliser: the model's `max_len` in quad mode (chunk mode divides by
     `chunk_size` inside chunks). With `cache`, `x` holds the tokens after those already passed through it.
+    `attn_impl` picks the attention of the uncached forward (`auto|torch|triton`); decoding keeps the reference.
     """
 
     def __init__(self, d_model: int, expansion_dim: int, s: int, mode: str, chunk_size: int, causal: bool,
-                 norm_const: int):
+                 norm_const: int, attn_impl: str = "auto"):
         super().__init__()
         self.e, self.s, self.mode, self.chunk_size = expansion_dim, s, mode, chunk_size
-        self.causal, self.norm_const = causal, norm_const
+        self.causal, self.norm_const, self.attn_impl = causal, norm_const, attn_impl
         self.uvz = nn.Linear(d_model, 2 * expansion_dim + s)
         self.qk = OffsetScale(s, 2 if mode == "quad" else 4)  # quad: q, k; chunk: q_quad, k_quad, q_lin, k_lin
         self.rope = RotaryEmbedding(s)
@@ -125,9 +127,11 @@ class GAU(nn.Module):
             attended = self._quad_step(*qk, v, cache) if self.mode == "quad" else self._chunk_step(*qk, v, cache)
             cache.n += x.shape[1]
         elif self.mode == "quad":
-            attended = relu2_attention(qk[0], qk[1], v, causal=self.causal, norm=self.norm_const)
+            attended = relu2_attention(qk[0], qk[1], v, causal=self.causal, norm=self.norm_const,
+                                       impl=self.attn_impl)
         else:
-            attended = mixed_chunk_attention(*qk, v, chunk_size=self.chunk_size, causal=self.causal)
+            attended = mixed_chunk_attention(*qk, v, chunk_size=self.chunk_size, causal=self.causal,
+                                             impl=self.attn_impl)
         return self.out(u * attended)
 
     def _quad_step(self, q: Tensor, k: Tensor, v: Tensor, cache: GAUCache) -> Tensor:
@@ -194,6 +198,8 @@ class FLASH(nn.Module):
     (paper: 2), `s` the shared q/k width (paper: 128). Two GAU layers have about the parameters of one
     Transformer block (12 d^2), so use twice the layers for a like-for-like comparison.
     `norm`: `"scalenorm"` (paper) or `"layernorm"`. `causal=False` gives a bidirectional encoder (no cache).
+    `attn_impl`: `"auto"` (the Triton kernels of `ops/chunk_attention_triton.py` on CUDA, the PyTorch reference
+    elsewhere), `"torch"` or `"triton"`; the cached decoding path always runs the reference.
 
     Incremental decoding: `cache = model.new_cache()`, then `model(new_tokens, cache=cache)` returns the logits of
     the new tokens only, for chunks of any size; equal to the uncached forward up to float rounding.
@@ -212,6 +218,7 @@ class FLASH(nn.Module):
         dropout: float = 0.0,
         max_len: int = 2048,
         norm: str = "scalenorm",
+        attn_impl: str = "auto",
     ):
         super().__init__()
         for name, value, minimum in (("vocab_size", vocab_size, 1), ("d_model", d_model, 1),
@@ -224,6 +231,8 @@ class FLASH(nn.Module):
             raise ValueError(f"mode must be 'chunk' (FLASH) or 'quad' (FLASH-Quad), got {mode!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be 'scalenorm' or 'layernorm', got {norm!r}")
+        if attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be true or false, got {causal!r}")
         if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
@@ -236,7 +245,7 @@ class FLASH(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
         gau = dict(expansion_dim=round(expansion * d_model), s=s, mode=mode, chunk_size=chunk_size, causal=causal,
-                   norm_const=max_len)
+                   norm_const=max_len, attn_impl=attn_impl)
         self.blocks = nn.ModuleList(FLASHBlock(d_model, norm, dropout, **gau) for _ in range(n_layers))
         self.norm = make_norm(norm, d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)

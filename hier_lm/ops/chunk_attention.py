@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hier_lm.ops.dispatch import resolve_impl
+
 __all__ = ["relu2_attention", "relu2_attention_rows", "mixed_chunk_attention", "naive_mixed_chunk_attention"]
 
 
@@ -115,7 +117,7 @@ def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start:
 # ----------------------------------------------------------------------------------------- FLASH-Quad
 
 
-def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, norm: float) -> Tensor:
+def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, norm: float, impl: str = "auto") -> Tensor:
     """GAU / FLASH-Quad attention: ``relu(q k^T / sqrt(S))**2 / norm @ v``, O(L^2).
 
     Args:
@@ -125,12 +127,18 @@ def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, nor
         norm: the FIXED constant n (the model's maximum length, or the chunk size), keyword-only and
             required so that no caller forgets it. Never the runtime length ``L``: in causal use the output
             at t would then depend on later tokens.
+        impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
+            (``chunk_attention_triton.py``).
 
     Returns:
         ``[B, L, E]`` (``[B, H, L, E]``) in the inputs' dtype.
     """
     _check_qkv(("q", "k", "v"), (q, k, v))
     _check_positive("norm", norm, integer=False)
+    if resolve_impl(impl, v) == "triton":
+        from hier_lm.ops.chunk_attention_triton import relu2_attention_triton
+
+        return relu2_attention_triton(q, k, v, causal, float(norm))
     out_dtype, dtype = _dtypes((q, k, v))
     with _no_autocast(q.device):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -166,6 +174,7 @@ def mixed_chunk_attention(
     v: Tensor,
     chunk_size: int = 256,
     causal: bool = True,
+    impl: str = "auto",
 ) -> Tensor:
     """FLASH mixed chunk attention, vectorised over chunks (see the module docstring for the scaling).
 
@@ -181,6 +190,8 @@ def mixed_chunk_attention(
         v: ``[B, L, E]`` or ``[B, H, L, E]`` (shared by both parts, as in the paper).
         chunk_size: C >= 1; a constant of the model, never derived from L.
         causal: autoregressive masking (local lower triangle, strictly earlier chunks only).
+        impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
+            (``chunk_attention_triton.py``).
 
     Returns:
         ``[B, L, E]`` (``[B, H, L, E]``) in the inputs' dtype.
@@ -188,6 +199,10 @@ def mixed_chunk_attention(
     tensors = (q_quad, k_quad, q_lin, k_lin, v)
     _check_qkv(("q_quad", "k_quad", "q_lin", "k_lin", "v"), tensors)
     _check_positive("chunk_size", chunk_size, integer=True)
+    if resolve_impl(impl, v) == "triton":
+        from hier_lm.ops.chunk_attention_triton import mixed_chunk_attention_triton
+
+        return mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, int(chunk_size), causal)
     out_dtype, dtype = _dtypes(tensors)
     length, c = v.shape[-2], int(chunk_size)
     groups = -(-length // c)
