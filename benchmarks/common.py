@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,6 +50,33 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def timed_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, repeats: int = 3,
+                      warmup: int = 1) -> dict[str, float]:
+    """Best-of-`repeats` wall time in seconds of each `fns[name]()`, the calls interleaved (A, B, A, B, ...)
+    after `warmup` calls of each, so that a change of machine load hits every one alike: the ratios of a
+    shared machine come out of one run, measured back to back."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn, device, repeats=1, warmup=0))
+    return best
+
+
+def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """One next-token forward+backward of a language model on `tokens: LongTensor[B, L + 1]` (no optimiser)."""
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def load_average() -> float:
+    """The 1-minute load average (`os.getloadavg()[0]`), recorded before each benchmark: the machine is shared."""
+    return round(os.getloadavg()[0], 2)
 
 
 def cpu_allocation_profile(fn: Callable[[], object]) -> tuple[int, int]:
@@ -93,9 +121,38 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), **payload}
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
-    header = (f"# {name}\n\nMachine: {m.get('gpu', m['cpu'])}, {m['cpu_cores']} cores, torch {m['torch']}, "
+    header = (f"# {name}\n\nMachine: {m.get('gpu', m['cpu'])}, {m['cpu_cores']} cores, torch threads: "
+              f"{m['torch_threads']}, torch {m['torch']}, "
               f"{m['date']}.\n\n")
-    (out_dir / f"{name}.md").write_text(header + markdown.rstrip() + "\n")
+    write_atomic(out_dir / f"{name}.md", header + markdown.rstrip() + "\n")
     return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename it over `path`: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as a PNG through a temp file + rename, and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

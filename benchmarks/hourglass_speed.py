@@ -10,7 +10,8 @@ Parts (ratios are measured in one run, each pair back to back):
 - `baseline`: Hourglass `2@1 8@4 2@1` vs a Transformer with the same 12 layers (d 256, 4 heads): training
   throughput (forward+backward) at `--lengths`, and the FLOP ratio counted by `torch.utils.flop_counter`.
 - `generation`: `hier_lm.generate` of `--gen-tokens` bytes from a one-byte prompt with and without the cache,
-  for the quickstart's Hourglass and Transformer (context = the generated length).
+  for the quickstart's Hourglass and Transformer (context = the generated length), measured by
+  `benchmarks.generation_speed.measure_generation` (which covers all four model families).
 
 Writes `benchmarks/results/hourglass_speed.{json,md,png}`.
 """
@@ -19,24 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RESULTS, device_name, markdown_table, peak_memory, timed, write_results
-from hier_lm import generate
+from benchmarks.common import train_step as _train_step
+from benchmarks.generation_speed import measure_generation
 from hier_lm.models import Hourglass, Transformer
 
 PARTS = ("peer", "baseline", "generation")
-
-
-def _train_step(model: torch.nn.Module, tokens: torch.Tensor) -> None:
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-    model.zero_grad(set_to_none=True)
 
 
 def _flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
@@ -100,21 +94,7 @@ def generation_part(n_tokens: int, device: torch.device) -> list[dict]:
         "hourglass (quickstart size, 1@1 4@4 1@1)": Hourglass(**small, hierarchy="1@1 4@4 1@1"),
         "transformer (quickstart size, 4 layers)": Transformer(**small, n_layers=4),
     }
-    rows = []
-    for name, model in models.items():
-        model = model.to(device).eval()
-        prompt = torch.tensor([10], device=device)
-        row = {"model": name, "tokens": n_tokens}
-        outputs = {}
-        for use_cache in (True, False):
-            start = time.perf_counter()
-            outputs[use_cache] = generate(model, prompt, n_tokens, use_cache=use_cache, seed=0)
-            row["cached_s" if use_cache else "uncached_s"] = time.perf_counter() - start
-        row["same_tokens"] = bool(torch.equal(outputs[True], outputs[False]))
-        row["speedup"] = row["uncached_s"] / row["cached_s"]
-        print(f"generation: {row}", flush=True)
-        rows.append(row)
-    return rows
+    return measure_generation(models, n_tokens, device, repeats=1)  # all four families: benchmarks.generation_speed
 
 
 def plot(results: dict, path: Path) -> None:

@@ -3,7 +3,12 @@
 import json
 import math
 
-from benchmarks import hourglass_speed, same_compute
+import pytest
+import torch
+
+from benchmarks import (attention_scaling, data_throughput, generation_speed, hourglass_speed, model_throughput,
+                        peers, same_compute)
+from benchmarks import __main__ as suite
 from tests.helpers import TINY_MODEL
 
 
@@ -34,3 +39,186 @@ def test_hourglass_speed_baseline_and_generation(tmp_path):
     assert all(r["same_tokens"] for r in results["generation"])
     assert json.loads((tmp_path / "hourglass_speed.json").read_text())["generation"][0]["tokens"] == 12
     assert (tmp_path / "hourglass_speed.png").stat().st_size > 1000
+
+
+# -- the suite: attention scaling, peers, model throughput, generation speed, data throughput, the entry point --
+
+
+def _written(folder, name: str) -> dict:
+    """The benchmark's json (its machine and load recorded), after checking that its md and png exist."""
+    saved = json.loads((folder / f"{name}.json").read_text())
+    assert saved["benchmark"] == name and "cpu" in saved["machine"] and saved["load_1min_before"] >= 0
+    assert (folder / f"{name}.md").read_text().startswith(f"# {name}\n")
+    assert (folder / f"{name}.png").stat().st_size > 1000
+    return saved
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while a benchmark smoke-runs: on a shared 2-core machine, two threads contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scaling_dir(tmp_path_factory):
+    """attention_scaling run through the suite's entry point with --quick (L = 64 and 128, one thread)."""
+    out = tmp_path_factory.mktemp("suite")
+    threads = torch.get_num_threads()
+    suite.main(["run", "attention_scaling", "--quick", "--threads", "1", "--out", str(out)])
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_attention_scaling_quick_run_through_the_suite(scaling_dir):
+    saved = _written(scaling_dir, "attention_scaling")
+    assert [r["length"] for r in saved["rows"]] == [64, 128]
+    for row in saved["rows"]:
+        assert not row["skipped"]
+        for method in attention_scaling.METHODS:
+            assert row[f"{method}_s"] > 0 and row[f"{method}_peak_mb"] > 0
+        assert row["sdpa_over_h_attention_time"] == pytest.approx(row["sdpa_s"] / row["h_attention_s"])
+    big = saved["rows"][1]
+    assert big["softmax_peak_mb"] > 3 * saved["rows"][0]["softmax_peak_mb"]  # its L x L buffers: 4x at 2x L
+    assert saved["slopes"]["softmax"]["memory"] > 1.5 and saved["slopes"]["h_attention"]["points"] == 2
+    assert "| 128 |" in (scaling_dir / "attention_scaling.md").read_text()
+
+
+def test_attention_scaling_skips_points_over_the_budget_or_memory_cap(tmp_path, one_thread):
+    cap = attention_scaling.softmax_bytes(32) / 2**30  # the materialised softmax fits at L=32, not at 64
+    results = attention_scaling.main(["--lengths", "32", "64", "--methods", "softmax", "h_attention", "--repeats", "1",
+                                      "--softmax-mem-gib", str(cap), "--budget", "1e-9", "--out", str(tmp_path)])
+    first, second = results["rows"]
+    assert "softmax_s" in first and "h_attention_s" in first and not first["skipped"]
+    assert "L x L buffers need" in second["skipped"]["softmax"]
+    assert "budget" in second["skipped"]["h_attention"] and "h_attention_s" not in second
+    assert results["slopes"]["h_attention"]["time"] is None  # one point: no slope
+    assert "| 64 | — | — |" in (tmp_path / "attention_scaling.md").read_text()
+
+
+def test_peers_side_by_side_and_defect_probes(tmp_path, one_thread):
+    pytest.importorskip("h_transformer_1d", reason="the ports: pip install -r benchmarks/requirements.txt")
+    pytest.importorskip("flash_pytorch", reason="the ports: pip install -r benchmarks/requirements.txt")
+    results = peers.main([*peers.QUICK, "--out", str(tmp_path)])
+    saved = _written(tmp_path, "peers")
+    assert [(r["pair"], r["length"]) for r in saved["speed"]] == [("h_transformer", 128), ("flash", 128)]
+    for row in saved["speed"]:
+        assert row["hier_lm_s"] > 0 and row["peer_s"] > 0 and row["hier_lm_peak_mb"] > 0
+        assert abs(row["hier_lm_params"] / row["peer_params"] - 1) < 0.1  # matched as closely as the designs allow
+    weights = results["h_weights"]
+    assert weights["hier_lm"]["causal_coverage"] == 1 and weights["hier_lm"]["max_abs_error_vs_exact"] < 1e-5
+    assert weights["peer"]["causal_coverage"] < 0.9 and weights["peer"]["max_row_sum_error"] > 0.5  # its defects
+    assert weights["hier_lm"]["max_future_weight"] == 0
+    prefix = results["prefix"]
+    assert prefix["h_transformer_hier_lm"] < 1e-5 and prefix["flash_hier_lm"] < 1e-5
+    assert prefix["flash_peer_gau"] > 1e-4  # the port's GAU divides by the runtime length
+
+
+def test_model_throughput_at_equal_tokens_per_step(tmp_path, one_thread):
+    results = model_throughput.main(["--lengths", "32", "--tokens-per-step", "64", "--d-model", "32",
+                                     "--repeats", "1", "--out", str(tmp_path)])
+    rows = _written(tmp_path, "model_throughput")["rows"]
+    assert [(r["family"], r["length"], r["batch_size"]) for r in rows] == [(f, 32, 2) for f in model_throughput.FAMILIES]
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"]) and row["parameters"] > 0
+    assert all(r["vs_transformer"] == 1 for r in results["rows"] if r["family"] == "transformer")
+    with pytest.raises(ValueError, match="not a multiple"):
+        model_throughput.main(["--lengths", "48", "--tokens-per-step", "64", "--out", str(tmp_path)])
+
+
+def test_generation_speed_cached_equals_uncached_for_every_family(tmp_path, one_thread):
+    results = generation_speed.main(["--tokens", "6", "--repeats", "1", "--out", str(tmp_path)])
+    rows = _written(tmp_path, "generation_speed")["rows"]
+    assert [r["model"] for r in rows] == list(generation_speed.RECIPES)
+    assert all(r["same_tokens"] and r["tokens"] == 6 and r["cached_s"] > 0 for r in results["rows"])
+
+
+def test_data_throughput_measures_loader_and_model_in_one_run(corpus_dir, tmp_path, one_thread):
+    overrides = [f"data.paths=[{corpus_dir}/*.py]", "data.seq_len=32", "data.batch_size=4", *TINY_MODEL["hourglass"]]
+    results = data_throughput.main([*data_throughput.QUICK, "--out", str(tmp_path), *overrides])
+    saved = _written(tmp_path, "data_throughput")
+    assert saved["tokens_per_batch"] == 4 * 32 and [r["num_workers"] for r in saved["loader"]] == [0, 1]
+    for row in results["loader"]:
+        assert row["ratio_vs_model"] == pytest.approx(row["tokens_per_s"] / results["model"]["tokens_per_s"])
+        assert row["batches_per_s"] > 0 and row["first_batch_s"] > 0
+    assert "| 0 |" in (tmp_path / "data_throughput.md").read_text()
+
+
+def test_suite_lists_and_rejects_unknown_names(capsys):
+    suite.main(["list"])
+    listed = capsys.readouterr().out
+    for name in ("attention_scaling", "peers", "model_throughput", "generation_speed", "data_throughput"):
+        assert name in listed
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        suite.main(["run", "no_such_benchmark"])
+
+
+def test_readme_results_section_between_the_markers(scaling_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n\n<!-- results:start -->\nold text\n<!-- results:end -->\n\n## Next\n")
+    suite.main(["readme", "--readme", str(readme), "--results", str(scaling_dir)])
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n<!-- results:start -->\n## Results\n") and text.endswith(
+        "<!-- results:end -->\n\n## Next\n")
+    assert "old text" not in text and "### Ratios" in text and "### attention_scaling" in text
+    assert json.loads((scaling_dir / "attention_scaling.json").read_text())["machine"]["cpu"] in text
+    assert "#### Time (s)" in text and "| 128 |" in text
+    assert f"![attention_scaling](../{scaling_dir.name}/attention_scaling.png)" in text  # relative to the README
+    assert text.index("### Ratios") < text.index("### attention_scaling")
+    suite.main(["readme", "--readme", str(readme), "--results", str(scaling_dir)])
+    assert readme.read_text() == text  # regenerating is idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="results:start"):
+        suite.main(["readme", "--readme", str(readme), "--results", str(scaling_dir)])
+
+
+def test_h_attention_kernel_tiny_cpu_run(tmp_path):
+    """The kernel benchmark's plumbing on CPU (reference and SDPA; the Triton kernels, slow in the
+    interpreter, are checked by tests/test_h_attention_triton.py): rows, ratios, json, md and png."""
+    from benchmarks import h_attention_kernel
+
+    results = h_attention_kernel.main(["--device", "cpu", "--methods", "torch", "sdpa", "--lengths", "48", "--out",
+                                       str(tmp_path)])
+    (row,) = results["rows"]
+    assert row["length"] == 48 and row["torch_ms"] > 0 and row["sdpa_ms"] > 0 and row["torch_peak_mb"] > 0
+    assert row["triton_ms"] is None and row["time_ratio_vs_sdpa"] is None  # not run: no ratio
+    saved = json.loads((tmp_path / "h_attention_kernel.json").read_text())
+    assert saved["benchmark"] == "h_attention_kernel" and saved["dtype"] == "float32" and len(saved["rows"]) == 1
+    assert "| 48 |" in (tmp_path / "h_attention_kernel.md").read_text()
+    assert (tmp_path / "h_attention_kernel.png").stat().st_size > 1000
+
+
+def test_flash_kernel_tiny_interpreted_run(tmp_path):
+    """The FLASH kernel benchmark on CPU: the Triton kernels in the interpreter (tests/conftest.py) beside the
+    reference at one tiny size; agreement, ratios, json, md and png."""
+    from benchmarks import flash_kernel
+
+    results = flash_kernel.main(["--device", "cpu", "--lengths", "40", "--s", "16", "--e", "32", "--chunk", "16",
+                                 "--repeats", "1", "--out", str(tmp_path)])
+    (row,) = results["rows"]
+    assert results["interpreted"] and results["triton_skipped"] is None
+    assert row["length"] == 40 and row["triton_s"] > 0 and row["torch_s"] > 0 and row["rms_error"] < 1e-5
+    assert row["speedup"] == row["torch_s"] / row["triton_s"]
+    saved = json.loads((tmp_path / "flash_kernel.json").read_text())
+    assert saved["benchmark"] == "flash_kernel" and saved["config"]["dtype"] == "float32"
+    assert "| causal | 40 |" in (tmp_path / "flash_kernel.md").read_text()
+    assert (tmp_path / "flash_kernel.png").stat().st_size > 1000
+    assert flash_kernel.headlines(saved) == []  # interpreter times are no headline
+
+
+def test_image_sampling_measures_and_checks_its_estimate(tmp_path, one_thread):
+    from benchmarks import image_sampling
+
+    results = image_sampling.main([*image_sampling.QUICK, "--out", str(tmp_path)])
+    check, row = _written(tmp_path, "image_sampling")["rows"]
+    assert (check["image_size"], check["tokens"], row["image_size"], row["tokens"]) == (3, 27, 4, 48)
+    assert check["uncached"] == "measured" and check["same_tokens"]  # run whole: tokens compared, estimate checked
+    assert check["estimate_error"] == pytest.approx(check["estimated_uncached_s"] / check["uncached_s"] - 1)
+    assert row["uncached"] == "estimated" and row["same_tokens"] is None
+    assert row["uncached_s"] == row["estimated_uncached_s"] > 0
+    for r in (check, row):
+        assert r["prefix_same_tokens"] and r["cached_s"] > 0 and len(r["forward_times"]) == 3
+    assert results["rows"][1]["speedup"] == pytest.approx(row["uncached_s"] / row["cached_s"])
+    assert "| tiny | 1.7M | 4x4 | 48 |" in (tmp_path / "image_sampling.md").read_text()
