@@ -1,4 +1,4 @@
-"""`python -m hier_lm.evaluate ckpt=... split=valid|test`: mean NLL, bpc or perplexity, tokens evaluated.
+"""`python -m hier_lm.evaluate ckpt=... split=valid|test`: mean NLL, bpc, bpd or perplexity, tokens evaluated.
 
 Prints the results and writes them as JSON (`<run>/eval_<split>.json` by default). For byte corpora the
 split's unigram entropy (bits per byte) is printed beside bpc as the no-context reference.
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error
-from hier_lm.tasks import CHECKPOINT_KEY, metric_value, scored_next_token_loss
+from hier_lm.tasks import CHECKPOINT_KEY, metric_value, scored_next_token_loss, with_start_token
 
 SPLITS = ("valid", "test")
 
@@ -43,6 +43,8 @@ def evaluate(cfg: DictConfig) -> dict:
         if i == n_batches:
             break
         batch = batch.to(cfg.device) if isinstance(batch, torch.Tensor) else [b.to(cfg.device) for b in batch]
+        if datamodule.metric == "bpd":  # image batches are the pixels alone: score all of them after START
+            batch = with_start_token(batch)
         loss, n = scored_next_token_loss(model, batch)
         total_nll += loss.item() * n
         tokens += n
@@ -64,6 +66,8 @@ def main(cfg: DictConfig) -> None:
     line = f"{r['split']}: loss {r['loss']:.4f} nats/token"
     if "bpc" in r:
         line += f", {r['bpc']:.4f} bpc"
+    if "bpd" in r:
+        line += f", {r['bpd']:.4f} bpd"
     if "ppl" in r:
         line += f", perplexity {r['ppl']:.2f}"
     line += f" over {r['tokens']:,} tokens"

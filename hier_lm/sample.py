@@ -1,6 +1,10 @@
 """`python -m hier_lm.sample ckpt=... prompt=... max_new_tokens=... temperature= top_k= top_p= seed=`.
 
-Prints the continuations of a byte-level model to stdout (and to `out=` if given).
+Byte-level models: prints the continuations to stdout (and to `out=` if given).
+Image models (checkpoints of `ImageModelTask`): writes a PNG grid of `num_images` samples to `out=` (default
+`samples.png`), with `save_each=true` also each image (`grid.png` -> `grid_000.png`, ...). With
+`prompt_images=<folder or glob of PNG files, or an .npy uint8 [N, H, W, 3]>` it keeps the top half of each of
+the first `num_images` images and samples the bottom half.
 """
 
 from __future__ import annotations
@@ -9,20 +13,27 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from torch import nn
 
 from hier_lm.checkpoint import atomic_write_text, load
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, quote_free_text_args
 from hier_lm.generation import generate
+from hier_lm.image_sampling import load_images, sample_images, save_images, top_half_tokens
 
 
-def sample_text(cfg: DictConfig) -> list[str]:
+def sample_text(cfg: DictConfig, model: nn.Module | None = None) -> list[str]:
     """The `num_samples` continuations (prompt included) described by the sample config."""
-    model = load(cfg.ckpt).to(cfg.device)
+    model = (model if model is not None else load(cfg.ckpt)).to(cfg.device)
+    if getattr(model, "image_size", None) is not None:
+        raise ValueError(f"{cfg.ckpt} is an image model: give num_images= (and prompt_images=), not a text prompt")
+    if cfg.get("prompt_images") is not None or cfg.get("save_each"):
+        raise ValueError(f"{cfg.ckpt} is a text model: prompt_images= and save_each= are for image models; "
+                         f"give prompt= or prompt_file=")
     if model.vocab_size != 256:
         raise ValueError(f"{cfg.ckpt}: text sampling needs a byte-level model (vocab 256), "
                          f"this one has vocab {model.vocab_size}")
     prompt = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.prompt_file else cfg.prompt
-    prompt_bytes = list(prompt.encode("utf-8"))
+    prompt_bytes = list(("\n" if prompt is None else prompt).encode("utf-8"))
     if not prompt_bytes:
         raise ValueError("the prompt is empty: give at least one character, e.g. prompt='\\n'")
     texts = []
@@ -34,10 +45,34 @@ def sample_text(cfg: DictConfig) -> list[str]:
     return texts
 
 
+def sample_image_files(cfg: DictConfig, model: nn.Module | None = None) -> list[Path]:
+    """Sample (or complete) the images described by the sample config and write them; returns the files
+    written, the grid first."""
+    model = (model if model is not None else load(cfg.ckpt)).to(cfg.device)
+    size = getattr(model, "image_size", None)
+    if size is None:
+        raise ValueError(f"{cfg.ckpt} is a text model: give prompt= (num_images=, prompt_images= and save_each= "
+                         f"are for image models)")
+    if cfg.prompt is not None or cfg.prompt_file:
+        raise ValueError(f"{cfg.ckpt} is a {size}x{size} image model: it takes no text prompt; give num_images= "
+                         f"or prompt_images=<PNG folder, glob or .npy>")
+    prompt = None
+    if cfg.prompt_images is not None:
+        prompt = top_half_tokens(load_images(cfg.prompt_images, size)[: cfg.num_images], size)
+    images = sample_images(model, size, cfg.num_images, prompt, cfg.temperature, cfg.top_k, cfg.top_p,
+                           use_cache=cfg.use_cache, seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
+    return save_images(images, cfg.out or "samples.png", save_each=cfg.save_each)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    texts = sample_text(cfg)
+    model = load(cfg.ckpt)
+    if model.image_size is not None:
+        written = sample_image_files(cfg, model)
+        print(f"written: {written[0]}" + (f" and {len(written) - 1} images beside it" if len(written) > 1 else ""))
+        return
+    texts = sample_text(cfg, model)
     output = "\n".join(f"===== sample {i} =====\n{t}" if len(texts) > 1 else t for i, t in enumerate(texts))
     print(output)
     if cfg.out:
@@ -45,5 +80,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    quote_free_text_args(("prompt", "prompt_file", "out", "ckpt"))
+    quote_free_text_args(("prompt", "prompt_file", "out", "ckpt", "prompt_images"))
     main()

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from hydra.utils import get_class
+
 from hier_lm.config import compose_train_config
 
 # Model overrides that make each model family tiny; a recipe of a new family adds its entry here.
@@ -15,17 +17,24 @@ TINY_MODEL = {
 }
 
 
+# Data overrides of image recipes (datamodule metric "bpd"): a few procedural 4x4 images instead of a corpus.
+TINY_IMAGES = ["data=synthetic_images", "data.size=4", "data.split_sizes=[64,8,8]", "data.batch_size=4",
+               "data.eval_batch_size=4", "data.num_workers=0"]
+
+
+def is_image_recipe(recipe: str) -> bool:
+    """Whether `recipe` trains on images (its datamodule's metric is bpd)."""
+    return get_class(compose_train_config([f"recipe={recipe}"]).data._target_).metric == "bpd"
+
+
 def tiny_overrides(corpus_dir: Path, runs_dir: Path, steps: int = 2, recipe: str = "quickstart") -> list[str]:
-    """Hydra overrides that make `recipe` train `steps` steps of a tiny model on a small text corpus in
-    seconds, whatever its model family and dataset."""
+    """Hydra overrides that make `recipe` train `steps` steps of a tiny model on a small text corpus (image
+    recipes: on a few tiny images) in seconds, whatever its model family and dataset."""
     model = compose_train_config([f"recipe={recipe}", "data=textfiles"]).model.name
+    text = [f"data.paths=[{corpus_dir}/*.py]", "data.seq_len=32", "data.batch_size=4", "data.num_workers=0"]
     return [
         f"runs_dir={runs_dir}",
-        "data=textfiles",
-        f"data.paths=[{corpus_dir}/*.py]",
-        "data.seq_len=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
+        *(TINY_IMAGES if is_image_recipe(recipe) else ["data=textfiles", *text]),
         *TINY_MODEL[model],
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=2",
@@ -36,6 +45,7 @@ def tiny_overrides(corpus_dir: Path, runs_dir: Path, steps: int = 2, recipe: str
         "checkpoint.every_n_steps=2",
         "optim.warmup_steps=1",
         "samples.max_new_tokens=8",
+        "samples.num_images=2",
         "logger=csv",
     ]
 
