@@ -172,7 +172,7 @@ def test_interrupted_builds_are_rebuilt(tmp_path, monkeypatch):
 
     # A failure during the build leaves no meta.json behind, and the next build succeeds.
     (folder / "meta.json").unlink()
-    monkeypatch.setattr(corpus_module, "_entropy_bits", lambda counts: 1 / 0)
+    monkeypatch.setattr(corpus_module, "entropy_bits", lambda counts: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ByteCorpus.build(files, tmp_path / "cache")
     assert not (folder / "meta.json").exists()
@@ -269,9 +269,14 @@ def test_train_batches_depend_only_on_seed_rank_and_index(src):
     assert not torch.equal(a[0], a[1])
     other = first_batches(datamodule(src, seed=4), 3)
     assert not any(torch.equal(x, y) for x, y in zip(a, other))
+    # Each step's global batch is split over the ranks (rows [rank * B, (rank + 1) * B)), so rank 1 of 2 gets
+    # the second half of what one process with twice the batch gets, and never rank 0's windows.
+    double = first_batches(datamodule(src, seed=3, batch_size=2 * BATCH), 3)
     ranked = datamodule(src, seed=3)
-    ranked.trainer = SimpleNamespace(global_rank=1, global_step=0, accumulate_grad_batches=1)
-    assert not any(torch.equal(x, y) for x, y in zip(a, first_batches(ranked, 3)))
+    ranked.trainer = SimpleNamespace(global_rank=1, world_size=2, global_step=0, accumulate_grad_batches=1)
+    assert all(torch.equal(x, y[BATCH:]) for x, y in zip(first_batches(ranked, 3), double))
+    ranked.trainer.global_rank = 0
+    assert all(torch.equal(x, y[:BATCH]) for x, y in zip(first_batches(ranked, 3), double))
 
 
 def test_worker_count_does_not_change_the_batches(src):
@@ -296,10 +301,12 @@ def test_resume_starts_at_the_saved_batch(src):
     with_workers.load_state_dict({"train_batches": 3, "seed": 7})
     assert all(torch.equal(x, y) for x, y in zip(first_batches(with_workers, 3), fresh[3:]))
 
-    # Attached to a trainer, the position is the optimizer steps times the accumulation.
-    dm.trainer = SimpleNamespace(global_rank=0, global_step=2, accumulate_grad_batches=2)
+    # Attached to a trainer, the position is the optimizer steps times the accumulation; with accumulation,
+    # the micro-batches of a step split its global batch, so batch 4 is the first half of step 2's batch.
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=2, accumulate_grad_batches=2)
     assert dm.state_dict() == {"train_batches": 4, "seed": 7}
-    assert torch.equal(first_batches(dm, 1)[0], fresh[4])
+    step_2 = first_batches(datamodule(src, seed=7, batch_size=2 * BATCH), 3)[2]
+    assert torch.equal(first_batches(dm, 1)[0], step_2[:BATCH])
 
     with pytest.raises(ValueError, match=r"data\.seed=6.*data\.seed=7"):
         datamodule(src, seed=7).load_state_dict({"train_batches": 3, "seed": 6})

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from hier_lm.data.corpus import DEFAULT_SPLITS, ByteCorpus, check_splits, resolve_paths
 
@@ -45,24 +45,61 @@ class _SplitReader:
 class TrainBatches(_SplitReader, IterableDataset):
     """Endless batches `LongTensor[batch_size, seq_len + 1]` of random windows of the train split.
 
-    Batch `b` (b = start, start + 1, ...) has window starts drawn from `np.random.default_rng([seed, rank, b])`.
-    Worker `w` of `W` yields b = start + w, start + w + W, ..., so a DataLoader's round-robin over its
-    workers gives the same sequence for any number of workers.
+    Optimizer step `s` trains on one global batch of `batch_size * world_size * accumulate` windows whose
+    starts are drawn from `np.random.default_rng([seed, s])`. This dataset's batch `b` (b = start, start + 1,
+    ...; `b = s * accumulate + a` for micro-batch `a` of step `s`) is rank `rank`'s share of it: rows
+    `[(a * world_size + rank) * batch_size, ... + batch_size)`. So a step trains on the same windows however
+    they are split over ranks and micro-batches: 2 ranks x batch 2, 2 accumulated x batch 2 and 1 x batch 4
+    see the same 4 windows (with mean losses and averaged gradients: the same training), and a run resumed
+    on another number of devices continues the same sequence. Worker `w` of `W` yields b = start + w,
+    start + w + W, ..., so a DataLoader's round-robin over its workers gives the same sequence for any number
+    of workers.
     """
 
     def __init__(self, corpus: ByteCorpus, seq_len: int, batch_size: int, seed: int, rank: int, start: int,
-                 hint: str = ""):
+                 hint: str = "", world_size: int = 1, accumulate: int = 1):
         super().__init__(corpus, "train", seq_len, hint)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
         self.batch_size, self.seed, self.rank, self.start = batch_size, seed, rank, start
+        self.world_size, self.accumulate = world_size, accumulate
 
     def batch(self, b: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, self.rank, b])
-        return self._windows(rng.integers(0, self.length - self.seq_len, size=self.batch_size))
+        step, micro = divmod(b, self.accumulate)
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, self.length - self.seq_len, size=self.batch_size * self.world_size * self.accumulate)
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        return self._windows(starts[first: first + self.batch_size])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return map(self.batch, itertools.count(self.start + worker, workers))
+
+
+class EvalShard(Dataset):
+    """One data-parallel rank's share of evaluation windows, for a distributed evaluation that scores every
+    target exactly once: items `rank, rank + world_size, ...` of `windows`, padded to `ceil(len / world_size)`
+    items (the same number on every rank, so that every rank runs as many forward passes: FSDP's collectives
+    need it) by window 0 scoring nothing. Items are `(window, n_context)` pairs (see `EvalWindows`): a real
+    window keeps its `n_context` (0 without evaluation context), a padding item has `n_context = seq_len`.
+    """
+
+    def __init__(self, windows: EvalWindows, rank: int, world_size: int):
+        self.windows, self.rank, self.world_size = windows, rank, world_size
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // self.world_size)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= j < len(self):
+            raise IndexError(f"item {j} out of range [0, {len(self)})")
+        i = self.rank + j * self.world_size
+        if i >= len(self.windows):
+            item = self.windows[0]
+            return (item[0] if isinstance(item, tuple) else item), self.windows.seq_len
+        item = self.windows[i]
+        return item if isinstance(item, tuple) else (item, 0)
 
 
 class EvalWindows(_SplitReader, Dataset):
@@ -118,7 +155,9 @@ class ByteLMDataModule(L.LightningDataModule):
     endless random windows, resumable by batch index (`state_dict`). Evaluation batches are contiguous
     windows (`EvalWindows`): `LongTensor[B, seq_len + 1]` with `eval_context = 0`, else the pair
     `[LongTensor[B, seq_len + 1], LongTensor[B]]` = (windows, n_context): the targets `[:, 1 + n_context:]`
-    of each row are scored, the first `n_context` targets are context only.
+    of each row are scored, the first `n_context` targets are context only. With several data-parallel ranks,
+    each rank's evaluation batches are pairs from its `EvalShard`, and the ranks together score every target
+    once (the task's weighted mean syncs across ranks).
     """
 
     vocab_size = 256
@@ -167,11 +206,22 @@ class ByteLMDataModule(L.LightningDataModule):
         return DataLoader(dataset, num_workers=self.hparams.num_workers, persistent_workers=False,
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator(), **kwargs)
 
+    def _data_parallel(self) -> tuple[int, int]:
+        """(rank, number of ranks) of this process among the data-parallel replicas; (0, 1) without a trainer."""
+        if self.trainer is None:
+            return 0, 1
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)  # None for a single device
+        if kwargs:
+            return kwargs["rank"], kwargs["num_replicas"]
+        return self.trainer.global_rank, self.trainer.world_size
+
     def train_dataloader(self) -> DataLoader:
-        """Endless `LongTensor[batch_size, seq_len + 1]` batches, starting at the batch index consumed so far."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        """Endless `LongTensor[batch_size, seq_len + 1]` batches, starting at the batch index consumed so far:
+        this rank's rows of each step's global batch (see `TrainBatches`)."""
+        rank, world = self._data_parallel()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         dataset = TrainBatches(self._opened(), self.hparams.seq_len, self.hparams.batch_size, self.hparams.seed,
-                               rank, self._batches_consumed(), self._more_data_hint)
+                               rank, self._batches_consumed(), self._more_data_hint, world, accumulate)
         return self._loader(dataset, batch_size=None)
 
     def _eval_windows(self, split: str) -> EvalWindows:
@@ -181,8 +231,16 @@ class ByteLMDataModule(L.LightningDataModule):
                            self._more_data_hint)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
-        return self._loader(self._eval_windows(split),
-                            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        windows, batch_size = self._eval_windows(split), self.hparams.eval_batch_size or self.hparams.batch_size
+        rank, world = self._data_parallel()
+        if world == 1:
+            return self._loader(windows, batch_size=batch_size, shuffle=False)
+        # Several ranks: each reads its `EvalShard` in order. The sampler is a one-replica DistributedSampler
+        # (sequential) because Lightning keeps a DistributedSampler it finds; its own would shard again and pad
+        # with repeated windows, which would then be scored twice.
+        shard = EvalShard(windows, rank, world)
+        return self._loader(shard, batch_size=batch_size,
+                            sampler=DistributedSampler(shard, num_replicas=1, rank=0, shuffle=False))
 
     def val_dataloader(self) -> DataLoader:
         """Contiguous windows of the valid split (see the class docstring for the batch format)."""

@@ -18,9 +18,11 @@ __all__ = ["FLASH", "MODELS", "HTransformer1D", "Hourglass", "Transformer", "bui
 
 
 def build_model(config: Mapping) -> nn.Module:
-    """Build a model from a config mapping `{"name": <one of MODELS>, **constructor kwargs}`."""
+    """Build a model from a config mapping `{"name": <one of MODELS>, **constructor kwargs}` (the `model:` config
+    group; its `activation_checkpointing` key is left to the training task)."""
     kwargs = dict(config)
     name = kwargs.pop("name", None)
+    kwargs.pop("activation_checkpointing", None)  # a training option that the task applies to the built model
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     try:

@@ -44,12 +44,13 @@ NORMS = ("scalenorm", "layernorm")
 
 
 class ScaleNorm(nn.Module):
-    """`x * rsqrt(mean(x^2) + eps) * g` over the last dim, one learned scalar `g` (init 1)."""
+    """`x * rsqrt(mean(x^2) + eps) * g` over the last dim, one learned gain `g` (init 1; shape [1], not a 0-dim
+    scalar, so that FSDP2 can shard it)."""
 
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.g = nn.Parameter(torch.ones(()))
+        self.g = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.g

@@ -1,25 +1,34 @@
-"""The language-modelling LightningModule: next-token cross-entropy, bpc or perplexity, AdamW schedule."""
+"""The language-modelling LightningModule: next-token cross-entropy, bpc, bpd or perplexity, AdamW schedule."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanMetric
 
 from hier_lm.models import build_model
+from hier_lm.models.flash import FLASHBlock
+from hier_lm.models.h_transformer import HBlock
+from hier_lm.models.layers import Block
 from hier_lm.tasks.optim import build_optimizer
 
-METRICS = ("bpc", "ppl")
+METRICS = ("bpc", "bpd", "ppl")
 CHECKPOINT_KEY = "hier_lm"  # every hier_lm checkpoint carries {"model": <model kwargs>, "config": <run config>}
+# The residual blocks of every model (Transformer and Hourglass stacks: `Block`; H-Transformer-1D: `HBlock`;
+# FLASH: `FLASHBlock`): the units of FSDP sharding and of activation checkpointing.
+BLOCKS: tuple[type[nn.Module], ...] = (Block, HBlock, FLASHBlock)
 
 
 def metric_value(metric: str, loss_nats: float) -> float:
-    """Bits per token (`bpc`, for bytes) or perplexity (`ppl`, for subwords) of a mean NLL in nats."""
-    if metric == "bpc":
+    """Bits per token (`bpc` for bytes, `bpd` for sub-pixels) or perplexity (`ppl`, for subwords) of a mean
+    NLL in nats."""
+    if metric in ("bpc", "bpd"):
         return loss_nats / math.log(2)
     if metric == "ppl":
         return math.exp(loss_nats)
@@ -50,12 +59,65 @@ def scored_next_token_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor,
     return nll[scored].sum() / max(count, 1), count
 
 
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """The residual blocks (`BLOCKS`) of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, BLOCKS)]
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Wrap every block of `model` in a non-reentrant activation checkpoint: its activations are recomputed in
+    the backward pass instead of stored. Only the training forward is affected: without autograd (evaluation,
+    cached decoding) a wrapped block runs once, as before; the RNG state is replayed for the recomputation, so
+    dropout draws the same masks; the state dict keys are unchanged (the wrapper strips its prefix)."""
+    from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as ac
+
+    wrapper = partial(ac.checkpoint_wrapper, checkpoint_impl=ac.CheckpointImpl.NO_REENTRANT)
+    ac.apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, BLOCKS))
+
+
+def shard_model(model: nn.Module, mesh) -> None:
+    """FSDP2: `fully_shard` each block of `model` (its activation-checkpoint wrapper when it has one) over the
+    1-D device `mesh`, then the root, which keeps the rest: embeddings, head, resampling layers, and any block
+    one of whose parameters is also reachable from outside it (Hourglass's relative biases are shared by all
+    its blocks; a parameter can belong to one shard group only). A block's parameters are all-gathered just
+    before it runs and freed after, in the forward and again in the backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = [name.replace("_checkpoint_wrapped_module.", "") for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ValueError(f"trainer=fsdp: FSDP2 cannot shard 0-dim parameters ({', '.join(scalars[:3])}): give them "
+                         "shape [1] in the model, or use trainer=ddp")
+    reached: dict[int, set[int | None]] = {}  # parameter id -> the blocks it is reached through (None: none)
+
+    def visit(module: nn.Module, block: int | None) -> None:
+        block = id(module) if isinstance(module, BLOCKS) else block
+        for p in module.parameters(recurse=False):
+            reached.setdefault(id(p), set()).add(block)
+        for child in module.children():
+            visit(child, block)
+
+    visit(model, None)
+    wrappers = {id(m._checkpoint_wrapped_module): m for m in model.modules() if isinstance(m, CheckpointWrapper)}
+    for block in model_blocks(model):
+        if all(reached[id(p)] == {id(block)} for p in block.parameters()):
+            fully_shard(wrappers.get(id(block), block), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 class LanguageModelTask(L.LightningModule):
     """Trains `build_model(model)` on batches `LongTensor[B, L + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`).
     Evaluation batches may also be `(tokens, n_context)` pairs (see `scored_next_token_loss`).
 
-    Logs `train/loss`, `val/loss` and `val/<metric>` (`test/...` in testing). `config` is the whole composed
-    run config; it is stored in every checkpoint so that `hier_lm.load` can rebuild the model.
+    Logs `train/loss` (the mean over the optimizer step's micro-batches and ranks), `val/loss` and
+    `val/<metric>` (`test/...` in testing). `config` is the whole composed run config; it is stored in every
+    checkpoint so that `hier_lm.load` can rebuild the model.
+
+    Scale-out (`configure_model`, applied once the strategy is set up): `model.activation_checkpointing=true`
+    (popped from `model`, never passed to the model) checkpoints every block; under FSDP2 (`trainer=fsdp`)
+    every block and the root are sharded; `config["compile"]` (true for inductor, or a backend name such as
+    `aot_eager`) compiles the training forward with `torch.compile` (evaluation and sampling keep the eager
+    module; where compiling fails, one message and eager training).
     """
 
     def __init__(self, model: Mapping, optim: Mapping, metric: str = "bpc", config: Mapping | None = None):
@@ -63,17 +125,71 @@ class LanguageModelTask(L.LightningModule):
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
         self.save_hyperparameters()
-        self.model = build_model(model)
+        self.model_config = dict(model)  # the model's constructor kwargs, saved in checkpoints
+        self.activation_checkpointing = bool(self.model_config.pop("activation_checkpointing", False))
+        self.compile_setting = (config or {}).get("compile", False)  # false | true (inductor) | a backend name
+        self.model = build_model(self.model_config)
         self.metric = metric
         self.eval_nll = MeanMetric()
+        self.last_input_shape: tuple[int, int] | None = None  # (B, L) of the latest training micro-batch
+        self._compiled: tuple[nn.Module, ...] = ()  # a tuple, so that it is not registered as a submodule
+        self._compile_works, self._configured = False, False
+        self._loss_sum, self._loss_count = 0.0, 0
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = next_token_loss(self.model, batch)
-        self.log("train/loss", loss, prog_bar=True)
+    def configure_model(self) -> None:
+        """Activation checkpointing, FSDP2 sharding (when the strategy gives a device mesh) and compilation,
+        in that order; idempotent (Lightning calls it again for each `validate`/`test` after `fit`)."""
+        if self._configured:
+            return
+        self._configured = True
+        if self.activation_checkpointing:
+            checkpoint_activations(self.model)
+        if self.device_mesh is not None:
+            shard_model(self.model, self.device_mesh["data_parallel"])
+        if self.compile_setting:
+            backend = "inductor" if self.compile_setting is True else self.compile_setting
+            if backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(f"compile={backend!r} is not a torch.compile backend: use true (inductor), false or "
+                                 f"one of {', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+            self._compiled = (torch.compile(self.model, backend=backend),)
+
+    def _training_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self._compiled:
+            return next_token_loss(self.model, batch)
+        if self._compile_works:
+            return next_token_loss(self._compiled[0], batch)
+        setting = "true" if self.compile_setting is True else self.compile_setting
+        try:  # the first call compiles
+            loss = next_token_loss(self._compiled[0], batch)
+        except Exception as err:  # no C++ compiler, an op or a Python construct Dynamo cannot trace, ...
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            self._say(f"compile={setting}: torch.compile does not work here ({type(err).__name__}: {reason}); "
+                      f"training eagerly")
+            self._compiled = ()
+            return next_token_loss(self.model, batch)
+        self._say(f"compile={setting}: the training forward runs compiled (torch.compile)")
+        self._compile_works = True
         return loss
+
+    def _say(self, message: str) -> None:
+        if self.global_rank == 0:
+            print(message, flush=True)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.last_input_shape = (batch.shape[0], batch.shape[1] - 1)
+        loss = self._training_loss(batch)
+        self._loss_sum, self._loss_count = self._loss_sum + loss.detach(), self._loss_count + 1
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # One value per optimizer step: the mean loss of its micro-batches (gradient accumulation) and of its
+        # ranks (every rank trains on as many windows), i.e. the loss of the global batch.
+        if self._loss_count:
+            self.log("train/loss", self._loss_sum / self._loss_count, prog_bar=True, sync_dist=True)
+        self._loss_sum, self._loss_count = 0.0, 0
 
     def _eval_step(self, batch) -> None:
         loss, count = scored_next_token_loss(self.model, batch)
@@ -82,8 +198,10 @@ class LanguageModelTask(L.LightningModule):
     def _log_eval(self, stage: str) -> None:
         loss = self.eval_nll.compute().item()
         self.eval_nll.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/{self.metric}", metric_value(self.metric, loss), prog_bar=True)
+        # `compute()` syncs the weighted mean across ranks, so every rank logs the global value already;
+        # sync_dist=True averages identical values (and keeps Lightning from warning that it is not synced).
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/{self.metric}", metric_value(self.metric, loss), prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -98,7 +216,7 @@ class LanguageModelTask(L.LightningModule):
         self._log_eval("test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"model": dict(self.hparams.model), "config": self.hparams.config}
+        checkpoint[CHECKPOINT_KEY] = {"model": dict(self.model_config), "config": self.hparams.config}
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model, self.trainer.max_steps, **self.hparams.optim)
