@@ -74,6 +74,18 @@ def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                   clip: float | None = None) -> float:
+    """One training step on `batch: LongTensor[B, L + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`); the loss."""
+    loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.item()
+
+
 def load_average() -> float:
     """The 1-minute load average (`os.getloadavg()[0]`), recorded before each benchmark: the machine is shared."""
     return round(os.getloadavg()[0], 2)

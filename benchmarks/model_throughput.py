@@ -24,10 +24,9 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, pyplot, save_figure,
-                               timed_interleaved, write_results)
+from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, optimizer_step, pyplot,
+                               save_figure, timed_interleaved, write_results)
 from hier_lm.models import FLASH, Hourglass, HTransformer1D, Transformer
 from hier_lm.tasks.optim import build_optimizer
 
@@ -49,18 +48,6 @@ def build(family: str, d_model: int, max_len: int) -> torch.nn.Module:
     if family == "flash":
         return FLASH(**common, n_layers=15, expansion=2, s=128, mode="chunk", chunk_size=256)
     raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-                   clip: float | None = None) -> float:
-    """One training step on `batch: LongTensor[B, L + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`); the loss."""
-    loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return loss.item()
 
 
 def measure(families: list[str], lengths: list[int], tokens_per_step: int, d_model: int, device: torch.device,

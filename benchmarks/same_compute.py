@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from benchmarks.common import RESULTS, markdown_table, write_results
+from benchmarks.common import RESULTS, markdown_table, optimizer_step, write_results
 from hier_lm.config import compose_train_config
 from hier_lm.models import build_model
 from hier_lm.tasks.optim import build_optimizer, lr_factor
@@ -78,13 +78,7 @@ def train_for(name: str, recipe: str, overrides: list[str], budget: float, evals
         for group in optimizer.param_groups:
             group["lr"] = optim_cfg["lr"] * lr_factor(step, optim_cfg["warmup_steps"], total_steps,
                                                       optim_cfg["schedule"], optim_cfg["min_lr_ratio"])
-        batch = next(batches)
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, next(batches), clip)
         step += 1
         trained += time.perf_counter() - start
         if step == 10:  # the cosine ends when the budget does

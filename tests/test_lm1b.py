@@ -215,17 +215,20 @@ def test_eval_windows_score_every_token_once_and_split_across_ranks(dm):
         assert torch.equal(windows[1:, 0], windows[:-1, -1]) and len(tokens) - 1 - n * SEQ_LEN < SEQ_LEN
         assert dm.num_eval_tokens(split) == n * SEQ_LEN
 
-        # Two ranks: disjoint windows, the same number of batches, at most one window (world - 1) left out.
+        # Two ranks (the shared `EvalShard`): the same number of windows each, every window scored by exactly
+        # one rank; the shorter shard is padded with a window that scores nothing (n_context = seq_len).
         shards = []
         for rank in (0, 1):
             dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
             try:
-                shards.append([tuple(w.tolist()) for batch in dm._eval_dataloader(split) for w in batch])
+                shards.append([(tuple(w.tolist()), int(c)) for batch, context in dm._eval_dataloader(split)
+                               for w, c in zip(batch, context)])
             finally:
                 dm.trainer = None
-        assert len(shards[0]) == len(shards[1]) == n // 2
-        assert not set(shards[0]) & set(shards[1])
-        assert set(shards[0]) | set(shards[1]) <= {tuple(w.tolist()) for w in windows}
+        assert len(shards[0]) == len(shards[1]) == -(-n // 2)
+        scored = [w for shard in shards for w, c in shard if c == 0]
+        assert sorted(scored) == sorted(tuple(w.tolist()) for w in windows)
+        assert all(c in (0, SEQ_LEN) for shard in shards for _, c in shard)
 
 
 def test_word_ppl_exponent_on_a_hand_counted_split(tmp_path):

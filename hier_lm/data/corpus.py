@@ -93,6 +93,20 @@ def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
     return values
 
 
+def plain_split_sizes(split_sizes: Sequence[int], unit: str, example: Sequence[int]) -> list[int]:
+    """`split_sizes` (train, valid, test) as three positive plain ints (not Hydra's ListConfig), or a clear
+    `ValueError` naming the `unit` counted (bytes, images) and an `example`."""
+    try:
+        sizes = [int(s) for s in split_sizes]
+        ok = len(sizes) == 3 and all(s >= 1 and s == x for s, x in zip(sizes, split_sizes))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"data.split_sizes must be three positive {unit} counts (train, valid, test), e.g. "
+                         f"{list(example)}; got {split_sizes!r}")
+    return sizes
+
+
 def _split_bounds(total: int, fractions: tuple[float, float, float]) -> dict[str, list[int]]:
     """Byte ranges `[start, end)` of the splits: train = the first `fractions[0]` of the bytes, then valid,
     then test (the rest). Exact decimal fractions, integer arithmetic."""
@@ -112,8 +126,9 @@ def _cache_key(files: Sequence[Path], stats: Sequence[os.stat_result], fractions
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _entropy_bits(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
+def entropy_bits(counts: np.ndarray) -> float:
+    """Entropy in bits of the distribution given by the histogram `counts` (0 for an empty one)."""
+    p = counts[counts > 0] / max(counts.sum(), 1)
     return float(-(p * np.log2(p)).sum())
 
 
@@ -229,7 +244,7 @@ class ByteCorpus:
                 **(tail or {}),
                 "splits": {name: [int(x) for x in bounds[name]] for name in SPLITS},
                 "sha256": sha.hexdigest(),
-                "unigram_entropy_bits": {name: _entropy_bits(c) for name, c in zip(SPLITS, counts)},
+                "unigram_entropy_bits": {name: entropy_bits(c) for name, c in zip(SPLITS, counts)},
             }
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hier_lm.data.corpus import SPLITS, ByteCorpus, default_data_root
+from hier_lm.data.corpus import SPLITS, ByteCorpus, default_data_root, plain_split_sizes
 from hier_lm.data.download import ChecksumError, checksum_hint, download, file_sha256
 from hier_lm.data.textfiles import ByteLMDataModule
 
@@ -22,18 +22,6 @@ SPLIT_SIZES = (90_000_000, 5_000_000, 5_000_000)  # train, valid, test: the stan
 MEMBER = "enwik8"  # the one file in enwik8.zip
 _FORMAT = 1
 _CHUNK = 16 << 20
-
-
-def _plain_sizes(split_sizes: Sequence[int]) -> list[int]:
-    try:
-        sizes = [int(s) for s in split_sizes]
-        ok = len(sizes) == 3 and all(s >= 1 and s == x for s, x in zip(sizes, split_sizes))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"data.split_sizes must be three positive byte counts (train, valid, test), e.g. "
-                         f"{list(SPLIT_SIZES)}; got {split_sizes!r}")
-    return sizes
 
 
 def _bounds(sizes: Sequence[int]) -> dict[str, list[int]]:
@@ -75,7 +63,7 @@ def prepare_enwik8(root: str | Path | None = None, url: str = URL, sha256: str |
     (resumable) and kept; the zip must have sha256 `sha256` and the extracted bytes `raw_sha256` (None skips
     either check). `split_sizes` (train, valid, test) sum to the file's size (10^8 for the real enwik8).
     """
-    sizes = _plain_sizes(split_sizes)
+    sizes = plain_split_sizes(split_sizes, "byte", SPLIT_SIZES)
     bounds, total = _bounds(sizes), sum(sizes)
     folder = (Path(root).expanduser() if root else default_data_root()) / "enwik8"
     corpus = ByteCorpus.open_finished(folder)
@@ -145,7 +133,7 @@ class Enwik8DataModule(ByteLMDataModule):
         # Plain Python values (not Hydra's ListConfig, not Path) so that checkpoints load with weights_only=True.
         root = None if root is None else os.fspath(root)
         path = None if path is None else os.fspath(path)
-        split_sizes = _plain_sizes(split_sizes)
+        split_sizes = plain_split_sizes(split_sizes, "byte", SPLIT_SIZES)
         self.save_hyperparameters()
 
     def _build(self) -> ByteCorpus:

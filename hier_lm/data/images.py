@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from hier_lm.data.corpus import plain_split_sizes
 from hier_lm.data.pixels import CHANNELS, IMAGE_VOCAB, encode_images
 
 SPLITS = ("train", "valid", "test")
@@ -291,18 +292,6 @@ class ImageDataModule(L.LightningDataModule):
         self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"]), "seed": int(state["seed"])}
 
 
-def _plain_counts(split_sizes: Sequence[int]) -> list[int]:
-    try:
-        counts = [int(c) for c in split_sizes]
-        ok = len(counts) == 3 and all(c >= 1 and c == x for c, x in zip(counts, split_sizes))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"data.split_sizes must be three positive image counts (train, valid, test), e.g. "
-                         f"[8192, 512, 512]; got {split_sizes!r}")
-    return counts
-
-
 class SyntheticImagesDataModule(ImageDataModule):
     """Procedural RGB images (`SyntheticImages`: gradients plus solid shapes, 16 levels per channel), vocab
     256, metric bpd; nothing is downloaded or stored. `split_sizes` images per split (train, valid, test),
@@ -316,7 +305,7 @@ class SyntheticImagesDataModule(ImageDataModule):
                           num_workers=num_workers, seed=seed)
         if image_seed < 0:
             raise ValueError(f"data.image_seed must be at least 0, got {image_seed}")
-        split_sizes = _plain_counts(split_sizes)  # a plain list: checkpoints load with weights_only=True
+        split_sizes = plain_split_sizes(split_sizes, "image", (8192, 512, 512))  # a plain list: checkpoints load with weights_only=True
         self.save_hyperparameters()
 
     def _open(self) -> dict[str, ImageSource]:

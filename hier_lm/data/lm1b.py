@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.data.distributed import DistributedSampler
 
-from hier_lm.data.corpus import SPLITS, default_data_root
+from hier_lm.data.corpus import SPLITS, default_data_root, entropy_bits
 from hier_lm.data.download import ChecksumError, DownloadError, checksum_hint, download, file_sha256
 from hier_lm.data.textfiles import EVAL_SPLITS, ByteLMDataModule, EvalWindows
 
@@ -298,7 +297,7 @@ def write_corpus(folder: Path, tokenizer: Tokenizer, parts: Iterable[Part], head
                 "tokenizer_sha256": _sha256_text(tokenizer.to_str()), "splits": bounds,
                 "shards": {split: sorted(files[split]) for split in bounds},
                 "counts": {split: counts[split] for split in bounds}, "sha256": sha.hexdigest(),
-                "unigram_entropy_bits": {split: _entropy_bits(histograms[split]) for split in bounds}}
+                "unigram_entropy_bits": {split: entropy_bits(histograms[split]) for split in bounds}}
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -315,11 +314,6 @@ def _batched(lines: Iterable[str]) -> Iterator[tuple[str, ...]]:  # itertools.ba
     it = iter(lines)
     while batch := tuple(itertools.islice(it, _ENCODE_LINES)):
         yield batch
-
-
-def _entropy_bits(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / max(counts.sum(), 1)
-    return float(-(p * np.log2(p)).sum())
 
 
 def _write_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
@@ -755,17 +749,6 @@ class LM1BDataModule(ByteLMDataModule):
         if split in EVAL_SPLITS:
             self._check_length(split)
         return super()._eval_windows(split)
-
-    def _eval_dataloader(self, split: str) -> DataLoader:
-        windows = self._eval_windows(split)
-        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if world == 1:
-            return self._loader(windows, batch_size=batch_size, shuffle=False)
-        # Lightning keeps a DistributedSampler it finds (its own would pad the ranks with repeated windows).
-        sampler = DistributedSampler(windows, num_replicas=world, rank=self.trainer.global_rank, shuffle=False,
-                                     drop_last=True)
-        return self._loader(windows, batch_size=batch_size, sampler=sampler)
 
     def state_dict(self) -> dict:
         """The training position (`ByteLMDataModule.state_dict`) and the tokenizer's JSON (`STATE_KEY`)."""
