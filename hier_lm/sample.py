@@ -1,6 +1,7 @@
 """`python -m hier_lm.sample ckpt=... prompt=... max_new_tokens=... temperature= top_k= top_p= seed=`.
 
-Byte-level models: prints the continuations to stdout (and to `out=` if given).
+Text models (bytes, or LM1B subwords through the tokenizer saved in the checkpoint): prints the continuations
+to stdout (and to `out=` if given).
 Image models (checkpoints of `ImageModelTask`): writes a PNG grid of `num_images` samples to `out=` (default
 `samples.png`), with `save_each=true` also each image (`grid.png` -> `grid_000.png`, ...). With
 `prompt_images=<folder or glob of PNG files, or an .npy uint8 [N, H, W, 3]>` it keeps the top half of each of
@@ -9,16 +10,30 @@ the first `num_images` images and samples the bottom half.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from torch import nn
 
-from hier_lm.checkpoint import atomic_write_text, load
+from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, quote_free_text_args
+from hier_lm.data.lm1b import decode_ids, encode_text, tokenizer_from_checkpoint
 from hier_lm.generation import generate
 from hier_lm.image_sampling import load_images, sample_images, save_images, top_half_tokens
+
+
+def text_codec(ckpt, vocab_size: int) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) between text and a text model's tokens: UTF-8 bytes for vocab 256, else the subword
+    tokenizer saved in the checkpoint (LM1B runs; a newline is the end-of-sentence token)."""
+    if vocab_size == 256:
+        return (lambda text: list(text.encode("utf-8"))), (lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    tokenizer = tokenizer_from_checkpoint(read_checkpoint(ckpt, model_only=True)[1])
+    if tokenizer is None:
+        raise ValueError(f"{ckpt}: a text model of vocab {vocab_size} whose checkpoint holds no tokenizer: text "
+                         "sampling needs a byte-level model (vocab 256) or a subword run (data=lm1b)")
+    return (lambda text: encode_text(tokenizer, text)), (lambda ids: decode_ids(tokenizer, ids))
 
 
 def sample_text(cfg: DictConfig, model: nn.Module | None = None) -> list[str]:
@@ -29,19 +44,17 @@ def sample_text(cfg: DictConfig, model: nn.Module | None = None) -> list[str]:
     if cfg.get("prompt_images") is not None or cfg.get("save_each"):
         raise ValueError(f"{cfg.ckpt} is a text model: prompt_images= and save_each= are for image models; "
                          f"give prompt= or prompt_file=")
-    if model.vocab_size != 256:
-        raise ValueError(f"{cfg.ckpt}: text sampling needs a byte-level model (vocab 256), "
-                         f"this one has vocab {model.vocab_size}")
+    encode, decode = text_codec(cfg.ckpt, model.vocab_size)
     prompt = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.prompt_file else cfg.prompt
-    prompt_bytes = list(("\n" if prompt is None else prompt).encode("utf-8"))
-    if not prompt_bytes:
+    prompt_tokens = encode("\n" if prompt is None else prompt)
+    if not prompt_tokens:
         raise ValueError("the prompt is empty: give at least one character, e.g. prompt='\\n'")
     texts = []
     for i in range(cfg.num_samples):
         seed = None if cfg.seed is None else cfg.seed + i
-        tokens = generate(model, prompt_bytes, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+        tokens = generate(model, prompt_tokens, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                           use_cache=cfg.use_cache, seed=seed, progress=True)
-        texts.append(bytes(tokens.tolist()).decode("utf-8", errors="replace"))
+        texts.append(decode(tokens.tolist()))
     return texts
 
 

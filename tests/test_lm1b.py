@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 import hier_lm
@@ -24,6 +25,7 @@ from hier_lm.config import compose_train_config
 from hier_lm.data import ChecksumError, DownloadError, LM1BDataModule, tokenizer_from_checkpoint
 from hier_lm.data.__main__ import main as data_cli
 from hier_lm.data.lm1b import EOS, STATE_KEY, TAR_NAME, HFSource, StreamBatches, train_tokenizer
+from hier_lm.sample import sample_text
 from hier_lm.train import train
 from tests.helpers import TINY_MODEL
 from tests.test_enwik8 import UNREACHABLE, Server, files_state, sha
@@ -429,3 +431,11 @@ def test_config_group_and_the_recipe_trains_two_steps(tar_path, tmp_path, monkey
     assert tokenizer.to_str() == (cache / "tokenizer.json").read_text()
     model = hier_lm.load(run_dir)
     assert model(torch.tensor([tokenizer.encode("the market").ids]))[0].shape[-1] == VOCAB
+
+    # Sampling decodes subwords with the checkpoint's tokenizer; the prompt comes back as it was given.
+    sample_cfg = OmegaConf.create({"ckpt": str(run_dir), "device": "cpu", "prompt": "the market", "prompt_file": None,
+                                   "num_samples": 1, "max_new_tokens": 5, "temperature": 1.0, "top_k": None,
+                                   "top_p": None, "use_cache": True, "seed": 0, "prompt_images": None,
+                                   "save_each": False})
+    (text,) = sample_text(sample_cfg, model)
+    assert text.startswith("the market") and len(text) > len("the market")
