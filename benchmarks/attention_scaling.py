@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, peak_memory, pyplot, save_figure,
-                               timed_interleaved, write_results)
+from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, peak_memory, publish, pyplot,
+                               save_figure, timed_interleaved)
 from hier_lm.ops import h_attention, mixed_chunk_attention
 
 HEADS, HEAD_DIM, BLOCK = 8, 64, 16  # the attention of an H-Transformer-1D layer of d 512
@@ -247,12 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                "config": {"heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "flash_s": FLASH_S,
                           "flash_e": FLASH_E, "flash_chunk": FLASH_C, "batch": 1, "causal": True},
                "rows": rows, "slopes": slopes(rows, args.methods)}
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("attention_scaling", results, text, out)
-    plot(results, out / "attention_scaling.png")
-    print(text)
-    return results
+    return publish("attention_scaling", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,15 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def publish(name: str, results: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None],
+            out_dir: str | Path = RESULTS) -> dict:
+    """Write a benchmark's `<name>.json` and `.md` (`write_results`) and its plot `<name>.png` into `out_dir`,
+    print the table and return `results`."""
+    out_dir = Path(out_dir)
+    text = markdown(results)
+    write_results(name, results, text, out_dir)
+    plot(results, out_dir / f"{name}.png")
+    print(text)
+    return results

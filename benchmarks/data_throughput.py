@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from benchmarks.common import RESULTS, load_average, markdown_table, pyplot, save_figure, timed, write_results
-from benchmarks.model_throughput import optimizer_step
+from benchmarks.common import RESULTS, load_average, markdown_table, optimizer_step, publish, pyplot, save_figure, timed
 from hier_lm.config import compose_train_config
 from hier_lm.models import build_model
 from hier_lm.tasks.optim import build_optimizer
@@ -138,12 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "batches": args.batches,
                "repeats": args.repeats}
     results.update(measure(cfg, args.workers, args.batches, args.repeats, args.steps))
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("data_throughput", results, text, out)
-    plot(results, out / "data_throughput.png")
-    print(text)
-    return results
+    return publish("data_throughput", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

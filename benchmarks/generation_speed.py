@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, pyplot, save_figure,
-                               timed_interleaved, write_results)
+from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, publish, pyplot, save_figure,
+                               timed_interleaved)
 from hier_lm import generate
 from hier_lm.config import compose_train_config
 from hier_lm.models import build_model
@@ -107,12 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                "repeats": args.repeats, "recipes": {f: RECIPES[f] for f in args.families}}
     models = {family: quickstart_model(family, args.tokens + 1) for family in args.families}
     results["rows"] = measure_generation(models, args.tokens, device, args.repeats)
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("generation_speed", results, text, out)
-    plot(results, out / "generation_speed.png")
-    print(text)
-    return results
+    return publish("generation_speed", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

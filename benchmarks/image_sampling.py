@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, pyplot, save_figure, timed,
-                               write_results)
+from benchmarks.common import RESULTS, device_name, load_average, markdown_table, publish, pyplot, save_figure, timed
 from hier_lm import generate
 from hier_lm.config import compose_train_config
 from hier_lm.data.pixels import encode_images
@@ -202,12 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(measure(name, image_model(name, args.image_size), args.image_size, name in args.full_uncached,
                             args.points, args.prefix_tokens, device))
     results["rows"] = rows
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("image_sampling", results, text, out)
-    plot(results, out / "image_sampling.png")
-    print(text)
-    return results
+    return publish("image_sampling", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

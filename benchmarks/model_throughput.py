@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, optimizer_step, pyplot,
-                               save_figure, timed_interleaved, write_results)
+from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, optimizer_step, publish, pyplot,
+                               save_figure, timed_interleaved)
 from hier_lm.models import FLASH, Hourglass, HTransformer1D, Transformer
 from hier_lm.tasks.optim import build_optimizer
 
@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": device_name(device), "load_1min_before": load_average(), "d_model": args.d_model,
                "tokens_per_step": args.tokens_per_step, "repeats": args.repeats}
     results["rows"] = measure(args.families, args.lengths, args.tokens_per_step, args.d_model, device, args.repeats)
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("model_throughput", results, text, out)
-    plot(results, out / "model_throughput.png")
-    print(text)
-    return results
+    return publish("model_throughput", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

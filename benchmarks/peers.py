@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, peak_memory, pyplot, save_figure,
-                               timed_interleaved, train_step, write_results)
+from benchmarks.common import (RESULTS, device_name, load_average, markdown_table, peak_memory, publish, pyplot,
+                               save_figure, timed_interleaved, train_step)
 from hier_lm.models import FLASH, HTransformer1D
 from hier_lm.ops import h_attention
 
@@ -227,12 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["h_weights"] = h_weights_probe(args.probe_length)
     results["prefix"] = prefix_probe(args.probe_length // 2, args.d_model)
     print(f"peers probes: {results['h_weights']} {results['prefix']}", flush=True)
-    out = Path(args.out)
-    text = markdown(results)
-    write_results("peers", results, text, out)
-    plot(results, out / "peers.png")
-    print(text)
-    return results
+    return publish("peers", results, markdown, plot, args.out)
 
 
 if __name__ == "__main__":

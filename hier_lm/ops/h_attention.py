@@ -40,7 +40,6 @@ does not depend on them).
 
 from __future__ import annotations
 
-import math
 import numbers
 from contextlib import nullcontext
 from typing import NamedTuple
