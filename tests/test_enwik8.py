@@ -28,7 +28,7 @@ from hier_lm.data.download import Progress
 from hier_lm.tasks import LanguageModelTask
 from hier_lm.tasks.language_model import scored_next_token_loss
 from tests.helpers import subprocess_env
-from tests.test_textfiles import _Recorder
+from tests.test_textfiles import fit_recording
 
 SIZES = [6000, 500, 500]  # train, valid, test bytes of the fake enwik8
 SEQ_LEN, BATCH = 16, 4
@@ -434,12 +434,7 @@ def test_training_resume_continues_the_batch_sequence(tmp_path):
     raw = _raw(tmp_path)
 
     def fit(max_steps, ckpt_path=None):
-        module = _Recorder()
-        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path / "run", enable_checkpointing=False)
-        trainer.fit(module, datamodule=enwik8(tmp_path, path=raw, seed=9), ckpt_path=ckpt_path)
-        return trainer, module.seen
+        return fit_recording(enwik8(tmp_path, path=raw, seed=9), max_steps, tmp_path / "run", ckpt_path)
 
     trainer, uninterrupted = fit(3)
     train = DATA[:6000]

@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -23,7 +22,7 @@ from hier_lm.data.__main__ import main as data_cli
 from hier_lm.data.images import SyntheticImages, TrainImages
 from hier_lm.data.imagenet import DamagedFileError, _host_tag
 from tests.test_enwik8 import Server, files_state, sha
-from tests.test_textfiles import _Recorder
+from tests.test_textfiles import fit_recording
 
 S = 32
 N_TRAIN, N_VALID = 14, 5
@@ -308,12 +307,7 @@ def test_resume_mid_epoch_continues_the_batch_sequence(tmp_path):
     source = write_oord(tmp_path / "src")
 
     def fit(max_steps, ckpt_path=None):
-        module = _Recorder()
-        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path / "run", enable_checkpointing=False)
-        trainer.fit(module, datamodule=imagenet(tmp_path, path=source, seed=9), ckpt_path=ckpt_path)
-        return trainer, module.seen
+        return fit_recording(imagenet(tmp_path, path=source, seed=9), max_steps, tmp_path / "run", ckpt_path)
 
     # 14 images, batch 4: 3 batches per epoch (2 images dropped, others each epoch); 4 steps x 2 = 8 batches.
     trainer, uninterrupted = fit(4)

@@ -328,15 +328,21 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def fit_recording(datamodule: L.LightningDataModule, max_steps: int, root, ckpt_path=None):
+    """Train a `_Recorder` on `datamodule` (2 batches per step, no validation, no checkpoints written) for
+    `max_steps` steps, resuming from `ckpt_path` if given; returns (trainer, the training batches it saw)."""
+    module = _Recorder()
+    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=root, enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module.seen
+
+
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_lightning_checkpoint_resume_continues_the_batch_sequence(src, tmp_path):
     def fit(max_steps, ckpt_path=None):
-        module = _Recorder()
-        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path / "run", enable_checkpointing=False)
-        trainer.fit(module, datamodule=datamodule(src, seed=9), ckpt_path=ckpt_path)
-        return trainer, module.seen
+        return fit_recording(datamodule(src, seed=9), max_steps, tmp_path / "run", ckpt_path)
 
     trainer, uninterrupted = fit(3)
     assert len(uninterrupted) == 6 and trainer.datamodule.state_dict() == {"train_batches": 6, "seed": 9}
