@@ -147,10 +147,11 @@ def test_cache_size(mode):
 def test_gau_matches_oracle(mode):
     """One GAU written out from its weights, with the dense attention oracle: relu^2 / max_len over the
     causal prefix (quad), `naive_mixed_chunk_attention` with C = 8 (chunk). Pins the split of the projection,
-    which scale/offset row is which q or k, the RoPE positions and the fixed normalisers. Float64."""
+    which scale/offset row is which q or k, the RoPE positions and the fixed normalisers, forward and gradients
+    (of the input and every weight). Float64."""
     model = make_model(mode).double()
     gau = model.blocks[0].gau
-    x = torch.randn(2, 21, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 21, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
 
     u, v, z = F.silu(x @ gau.uvz.weight.T + gau.uvz.bias).split([64, 64, 16], dim=-1)
     rope, positions = RotaryEmbedding(16).double(), torch.arange(21)
@@ -164,7 +165,25 @@ def test_gau_matches_oracle(mode):
         attended = naive_mixed_chunk_attention(*qk, v, chunk_size=C)
     expected = (u * attended) @ gau.out.weight.T + gau.out.bias
 
-    torch.testing.assert_close(gau(x), expected, rtol=1e-12, atol=1e-12)
+    out = gau(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    inputs, cotangent = (x, *gau.parameters()), torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, cotangent), torch.autograd.grad(expected, inputs, cotangent)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_silu_split_backward_matches_silu_then_split():
+    """The fused backward of `silu_split`, also when a part is unused (autograd passes it zeros)."""
+    h = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    a, b, c = flash_module.silu_split(h, (4, 3, 2))
+    ra, rb, rc = F.silu(h).split((4, 3, 2), dim=-1)
+    for got, want in zip((a, b, c), (ra, rb, rc)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ga, gc = torch.randn_like(a), torch.randn_like(c)
+    (got,) = torch.autograd.grad((a * ga).sum() + (c * gc).sum(), h)
+    (want,) = torch.autograd.grad((ra * ga).sum() + (rc * gc).sum(), h)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert (got[..., 4:7] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------ padding, options

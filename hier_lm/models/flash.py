@@ -53,7 +53,7 @@ class ScaleNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.g
+        return x * (torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.g)  # one [B, L, d] product
 
 
 def make_norm(norm: str, d_model: int) -> nn.Module:
@@ -61,7 +61,7 @@ def make_norm(norm: str, d_model: int) -> nn.Module:
 
 
 class OffsetScale(nn.Module):
-    """`n` per-dimension affine maps of one `z: [B, L, s]`: returns `n` tensors `z * gamma_i + beta_i`.
+    """`n` per-dimension affine maps of one `z: [B, L, s]`: returns `[B, n, L, s]`, row i `z * gamma_i + beta_i`.
 
     gamma ~ N(0, 1), beta = 0. The paper's appendix code draws gamma from N(0, 0.02), but there a learned
     relative bias inside the relu gives the attention a gradient; without it relu(q k)^2 starts at a saddle
@@ -73,8 +73,34 @@ class OffsetScale(nn.Module):
         self.gamma = nn.Parameter(torch.randn(n, dim))
         self.beta = nn.Parameter(torch.zeros(n, dim))
 
-    def forward(self, z: Tensor) -> tuple[Tensor, ...]:
-        return (z[..., None, :] * self.gamma + self.beta).unbind(-2)
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.addcmul(self.beta[:, None, :], z[..., None, :, :], self.gamma[:, None, :])
+
+
+class _SiLUSplit(torch.autograd.Function):
+    """`silu(h).split(sizes, -1)` whose backward writes each part's gradient straight into its slice of one
+    `grad_h` buffer, instead of concatenating the parts' gradients and then applying `silu_backward` to the
+    result: one fewer `[B, L, sum(sizes)]` tensor per GAU layer (the widest activation of the model)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(h)
+        ctx.sizes = sizes
+        return F.silu(h).split(sizes, dim=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, None]:  # an unused part's gradient arrives as zeros
+        (h,) = ctx.saved_tensors
+        grad_h = torch.empty_like(h)
+        for grad, part, out in zip(grads, h.split(ctx.sizes, dim=-1), grad_h.split(ctx.sizes, dim=-1)):
+            torch.ops.aten.silu_backward.grad_input(grad, part, grad_input=out)
+        return grad_h, None
+
+
+def silu_split(h: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """`F.silu(h).split(sizes, dim=-1)` (`h: [..., sum(sizes)]`), with a backward that needs one buffer less."""
+    return _SiLUSplit.apply(h, sizes)
 
 
 @dataclass
@@ -118,9 +144,9 @@ class GAU(nn.Module):
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """`x: [B, L, d]` at positions `start..` -> `u, v: [B, L, e]` and the q/k tuple, each `[B, L, s]`
         after RoPE (quad: q, k; chunk: q_quad, k_quad, q_lin, k_lin)."""
-        u, v, z = F.silu(self.uvz(x)).split((self.e, self.e, self.s), dim=-1)
+        u, v, z = silu_split(self.uvz(x), (self.e, self.e, self.s))
         positions = torch.arange(start, start + x.shape[1], device=x.device)
-        return u, v, tuple(self.rope(t, positions) for t in self.qk(z))
+        return u, v, self.rope(self.qk(z), positions).unbind(-3)  # RoPE on all n at once: [B, n, L, s]
 
     def forward(self, x: Tensor, cache: GAUCache | None = None) -> Tensor:
         u, v, qk = self.project(x, cache.n if cache is not None else 0)

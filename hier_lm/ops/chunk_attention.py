@@ -105,8 +105,9 @@ def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start:
 
     q: [..., M, S] at positions ``query_start ..``, k: [..., N, S] at positions ``0 ..`` -> [..., M, N].
     """
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    weights = torch.relu(scores).square() / norm
+    # relu(x / a)**2 / n == relu(x)**2 / (a**2 n) for a, n > 0: scale the [M, S] queries, not the [M, N] scores
+    scores = (q * (1.0 / math.sqrt(q.shape[-1] * norm))) @ k.transpose(-1, -2)
+    weights = torch.relu(scores).square()
     if causal:
         query = torch.arange(query_start, query_start + q.shape[-2], device=q.device)
         future = torch.arange(k.shape[-2], device=q.device)[None, :] > query[:, None]  # key j > query t
@@ -209,22 +210,26 @@ def mixed_chunk_attention(
     pad = groups * c - length
 
     with _no_autocast(v.device):
-        # [..., L, D] -> zero-pad the time axis to G*C -> [..., G, C, D]
-        qq, kq, ql, kl, vv = (F.pad(x.to(dtype), (0, 0, 0, pad)).unflatten(-2, (groups, c)) for x in tensors)
+        # [..., L, D] -> zero-pad the time axis to G*C (only if needed: F.pad always copies) -> [..., G, C, D]
+        qq, kq, ql, kl, vv = ((F.pad(x.to(dtype), (0, 0, 0, pad)) if pad else x.to(dtype)).unflatten(-2, (groups, c))
+                              for x in tensors)
 
         local = _relu2_weights(qq, kq, float(c), causal) @ vv  # [..., G, C, E]
 
         kv = kl.transpose(-1, -2) @ vv  # per-chunk state K_h^T V_h: [..., G, S, E]
         if causal:
-            # exclusive cumulative sum over chunks, divided by the g * C tokens it covers (chunk 0: zero state)
-            shifted = torch.cat([torch.zeros_like(kv[..., :1, :, :]), kv[..., :-1, :, :]], dim=-3)
-            prefix = shifted.cumsum(-3)  # prefix[g] = sum_{h<g} K_h^T V_h
-            tokens_before = torch.arange(groups, device=v.device, dtype=dtype).clamp(min=1) * c
-            context = prefix / tokens_before[:, None, None]
+            # exclusive prefix mean over chunks as one [G, G] matmul: context[g] = sum_{h<g} kv[h] / (g * C)
+            # (chunk 0: zero state); cheaper than shift + cumsum + divide, forward and backward
+            chunk = torch.arange(groups, device=v.device)
+            earlier = chunk[None, :] < chunk[:, None]  # [g, h]: h < g
+            mean = earlier.to(dtype) / (chunk.clamp(min=1) * c).to(dtype)[:, None]
+            context = (mean @ kv.flatten(-2)).unflatten(-1, kv.shape[-2:])  # [..., G, S, E]
+            # local + ql @ context in one batched matmul (no [..., G, C, E] temporary)
+            out = torch.baddbmm(local.flatten(0, -3), ql.flatten(0, -3), context.flatten(0, -3)).view_as(local)
         else:
             # all chunks, own included, divided by the L real tokens (padded rows of K and V are zero)
-            context = kv.sum(-3, keepdim=True) / max(length, 1)
-        out = local + ql @ context  # [..., G, C, E]
+            context = kv.sum(-3, keepdim=True) / max(length, 1)  # one context for every chunk: broadcast
+            out = local + ql @ context  # [..., G, C, E]
         out = out.flatten(-3, -2)[..., :length, :]
     return out.to(out_dtype)
 
