@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from hier_lm.ops import chunk_attention
 from hier_lm.ops.chunk_attention import (
     mixed_chunk_attention,
     naive_mixed_chunk_attention,
@@ -101,6 +102,19 @@ def test_chunked_matches_naive_forward_and_grads(causal, length, chunk_size):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for name, g, rg in zip(("q_quad", "k_quad", "q_lin", "k_lin", "v"), grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 25, 26])
+def test_prefix_blocks_are_invisible(block, monkeypatch):
+    """The causal prefix of chunk states runs in blocks of PREFIX_BLOCK chunks with a carry between them; any
+    block size (one chunk, a partial last block, exactly G, more than G) gives the oracle's output and grads."""
+    monkeypatch.setattr(chunk_attention, "PREFIX_BLOCK", block)
+    inputs = make_inputs(100, heads=2, seed=block, requires_grad=True)  # C = 4: G = 25 chunks
+    out, grads = forward_and_grads(mixed_chunk_attention, inputs, chunk_size=4)
+    ref, ref_grads = forward_and_grads(naive_mixed_chunk_attention, inputs, chunk_size=4)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
