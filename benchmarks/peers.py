@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
     parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per model (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model (after one warm-up)")
     parser.add_argument("--probe-length", type=int, default=1024, help="L of the h_weights probe (prefix: half)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS))
