@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024 * 2**i for i in range(7)])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per point (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (after one warm-up)")
     parser.add_argument("--budget", type=float, default=300.0,
                         help="seconds one point of one method may take (all its calls); beyond it is skipped")
     parser.add_argument("--softmax-mem-gib", type=float, default=4.0,
