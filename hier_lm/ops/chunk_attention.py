@@ -240,9 +240,9 @@ def _exclusive_prefix_mean(kv: Tensor, c: int) -> Tensor:
     matmul speed (a shift + ``cumsum`` + divide over this axis is 3x slower on CPU, forward and backward).
     """
     flat = kv.flatten(-2)  # [..., G, S*E]
-    parts, carry, start = [], None, 0
-    for block in flat.split(PREFIX_BLOCK, dim=-2):  # one split (not slices: each slice's backward is [G, S*E])
-        n = block.shape[-2]
+    parts, carry = [], None
+    for i, block in enumerate(flat.split(PREFIX_BLOCK, dim=-2)):  # one split: a slice's backward is [G, S*E]
+        start, n = i * PREFIX_BLOCK, block.shape[-2]
         scale = 1.0 / ((torch.arange(start, start + n, device=kv.device).clamp(min=1) * c).to(kv.dtype))  # [n]
         earlier = torch.ones(n, n, device=kv.device, dtype=kv.dtype).tril(-1) * scale[:, None]  # [g, h]: h < g
         part = earlier @ block
@@ -250,7 +250,6 @@ def _exclusive_prefix_mean(kv: Tensor, c: int) -> Tensor:
             part = part + scale[:, None] * carry
         carry = block.sum(-2, keepdim=True) if carry is None else carry + block.sum(-2, keepdim=True)
         parts.append(part)
-        start += n
     prefix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
     return prefix.unflatten(-1, kv.shape[-2:])
 
