@@ -13,45 +13,19 @@ import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from hier_lm.files import atomic_torch_save
 from hier_lm.models import build_model
 from hier_lm.tasks.language_model import CHECKPOINT_KEY
 
 SHARDED_META = "meta.pt"  # the non-tensor part of a sharded checkpoint (Lightning's name)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` through `atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through `atomic_write`."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,4 +1,4 @@
-"""Config plumbing shared by the entry points: the recipe registry and argv handling."""
+"""Config plumbing shared by the entry points: where the configs are, composing them, argv handling."""
 
 from __future__ import annotations
 
@@ -9,32 +9,20 @@ from collections.abc import Callable
 from importlib import resources
 
 from hydra import compose, initialize_config_module
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-CONFIG_MODULE = "hier_lm.recipes.conf"  # primary configs and config groups (model/, data/, ...)
+CONFIG_MODULE = "hier_lm.recipes"  # primary configs and the config groups model/, data/, ..., recipe/
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 
 def recipe_names() -> list[str]:
-    """Names of the shipped recipes: `recipes/<name>.yaml`."""
-    root = resources.files("hier_lm.recipes")
+    """Names of the shipped recipes: the options `recipes/recipe/<name>.yaml` of the config group `recipe`."""
+    root = resources.files(CONFIG_MODULE).joinpath("recipe")
     return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def register_recipes() -> None:
-    """Make every `recipes/<name>.yaml` (a `# @package _global_` experiment file) the option `recipe=<name>`
-    of the Hydra group `recipe`, so that Hydra lists them when an unknown one is asked for."""
-    store = ConfigStore.instance()
-    root = resources.files("hier_lm.recipes")
-    for name in recipe_names():
-        node = OmegaConf.create(root.joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
-        store.store(group="recipe", name=name, node=node, package="_global_")
 
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
     """The config `python -m hier_lm.train <overrides>` would compose (e.g. `["recipe=quickstart", "seed=1"]`)."""
-    register_recipes()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides)
 

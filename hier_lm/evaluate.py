@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
+from hier_lm.checkpoint import load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error
+from hier_lm.files import atomic_write_text
 from hier_lm.tasks import CHECKPOINT_KEY, metric_value, scored_next_token_loss, with_start_token
 
 SPLITS = ("valid", "test")

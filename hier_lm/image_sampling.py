@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hier_lm.checkpoint import atomic_write
+from hier_lm.files import atomic_write
 from hier_lm.data.pixels import decode_images, encode_images
 from hier_lm.generation import generate
 from hier_lm.tasks.image_model import START_TOKEN, image_length

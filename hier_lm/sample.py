@@ -17,9 +17,10 @@ import hydra
 from omegaconf import DictConfig
 from torch import nn
 
-from hier_lm.checkpoint import atomic_write_text, load, read_checkpoint
+from hier_lm.checkpoint import load, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error, quote_free_text_args
 from hier_lm.data.lm1b import decode_ids, encode_text, tokenizer_from_checkpoint
+from hier_lm.files import atomic_write_text
 from hier_lm.generation import generate
 from hier_lm.image_sampling import load_images, sample_images, save_images, top_half_tokens
 

@@ -25,8 +25,9 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hier_lm.callbacks import FinalCheckpoint, RNGState, Throughput, sample_callback
-from hier_lm.checkpoint import AtomicCheckpointIO, atomic_write_text, existing_checkpoint, resolve_checkpoint
-from hier_lm.config import CONFIG_PATH, exit_on_user_error, register_recipes
+from hier_lm.checkpoint import AtomicCheckpointIO, existing_checkpoint, resolve_checkpoint
+from hier_lm.config import CONFIG_PATH, exit_on_user_error
+from hier_lm.files import atomic_write_text
 from hier_lm.loggers import build_logger
 from hier_lm.tasks import build_task
 
@@ -137,9 +138,6 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
     if rank == 0:
         print(f"done: {trainer.global_step} steps; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}")
     return run_dir
-
-
-register_recipes()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -63,7 +63,7 @@ def test_non_editable_install_finds_its_recipes(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=600)
-    assert (target / "hier_lm" / "recipes" / "quickstart.yaml").is_file()
+    assert (target / "hier_lm" / "recipes" / "recipe" / "quickstart.yaml").is_file()
     where = cli("hier_lm.train", "recipe=quickstart", "--cfg", "job", cwd=tmp_path, PYTHONPATH=str(target))
     assert "d_model: 128" in where.stdout and "max_steps: 700" in where.stdout  # read from the wheel
     origin = subprocess.run([sys.executable, "-c", "import hier_lm; print(hier_lm.__file__)"], cwd=tmp_path,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import wandb
 import hier_lm
-from hier_lm.checkpoint import atomic_torch_save
+from hier_lm.files import atomic_torch_save
 from hier_lm.config import compose_train_config, recipe_names
 from hier_lm.train import train
 from tests.helpers import tiny_overrides
