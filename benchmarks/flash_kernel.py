@@ -5,7 +5,7 @@
 
 Ops: `mixed` = `hier_lm.ops.mixed_chunk_attention` (q, k of both parts `[1, L, S]`, v `[1, L, E]`, chunk C),
 `quad` = `relu2_attention` (FLASH-Quad, norm = L_max; up to `--quad-max-len`, its reference is O(L^2) in
-memory). Each point runs `impl="triton"` and `impl="torch"` on the same inputs, their repeats interleaved
+memory). Each point runs `attn_impl="triton"` and `attn_impl="torch"` on the same inputs, their repeats interleaved
 (best of each), then one call of each for the peak memory (CUDA allocator peak above the inputs, gradients
 included) and the RMS error of the Triton output relative to the reference.
 
@@ -48,9 +48,9 @@ def _call(op: str, inputs: list[torch.Tensor], impl: str, causal: bool, chunk: i
     from hier_lm.ops import mixed_chunk_attention, relu2_attention  # imported after main() set TRITON_INTERPRET
 
     if op == "mixed":
-        return mixed_chunk_attention(*inputs, chunk_size=chunk, causal=causal, impl=impl)
+        return mixed_chunk_attention(*inputs, chunk_size=chunk, causal=causal, attn_impl=impl)
     q, k, v = inputs
-    return relu2_attention(q, k, v, causal=causal, norm=norm, impl=impl)
+    return relu2_attention(q, k, v, causal=causal, norm=norm, attn_impl=impl)
 
 
 def measure_point(op: str, mode: str, length: int, args, device: torch.device, with_triton: bool) -> dict:
@@ -94,8 +94,8 @@ def _cell(value):
 def markdown(results: dict) -> str:
     c = results["config"]
     parts = [f"Device: {results['device']}. Forward+backward in {c['dtype']}, batch 1, S={c['s']}, E={c['e']}, "
-             f"C={c['chunk']} (FLASH-Quad: norm={c['quad_norm']}); Triton kernels (`impl=\"triton\"`) vs the "
-             f"PyTorch reference (`impl=\"torch\"`, computed in float32 inside), best of {c['repeats']} interleaved "
+             f"C={c['chunk']} (FLASH-Quad: norm={c['quad_norm']}); Triton kernels (`attn_impl=\"triton\"`) vs the "
+             f"PyTorch reference (`attn_impl=\"torch\"`, computed in float32 inside), best of {c['repeats']} interleaved "
              "repeats. Speed-up = reference time / Triton time; memory ratio = reference peak / Triton peak; RMS "
              "error of the Triton output relative to the reference's."]
     if results.get("interpreted"):

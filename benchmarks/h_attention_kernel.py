@@ -42,7 +42,7 @@ def _inputs(length: int, heads: int, dim: int, block_size: int, dtype: torch.dty
 def _forward(method: str, q, k, v, rpb, block_size: int) -> torch.Tensor:
     if method == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return h_attention(q, k, v, block_size, causal=True, rpb=rpb, impl=method)
+    return h_attention(q, k, v, block_size, causal=True, rpb=rpb, attn_impl=method)
 
 
 def _step(method: str, tensors, block_size: int, grad: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """The Triton kernels of FLASH's attention (hier_lm/ops/chunk_attention_triton.py) against the PyTorch reference:
 outputs and the gradients of every input, causal and bidirectional, lengths that are not multiples of the chunk
 or of the kernel tiles, S/E dims 32, 64 and 128 (and odd ones), batch and head dims, NaN-filled buffers; the
-`impl=` dispatch; FLASH(attn_impl="triton") against attn_impl="torch".
+`attn_impl=` dispatch; FLASH(attn_impl="triton") against attn_impl="torch".
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU machine:
     HIER_LM_TEST_DEVICE=cuda pytest tests/test_chunk_attention_triton.py
@@ -42,12 +42,12 @@ def forward_and_grads(fn, inputs, grad_out, **kwargs):
 
 
 def assert_matches_float64_reference(fn, inputs, names, tol=1e-5, **kwargs):
-    """fn(impl="triton") vs fn(impl="torch") on float64 copies: output and every input's gradient."""
+    """fn(attn_impl="triton") vs fn(attn_impl="torch") on float64 copies: output and every input's gradient."""
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(inputs[-1].shape, generator=g, dtype=inputs[-1].dtype).to(DEVICE)
-    out, grads = forward_and_grads(fn, inputs, grad_out, impl="triton", **kwargs)
+    out, grads = forward_and_grads(fn, inputs, grad_out, attn_impl="triton", **kwargs)
     high = [x.detach().double().requires_grad_() for x in inputs]
-    ref, ref_grads = forward_and_grads(fn, high, grad_out.double(), impl="torch", **kwargs)
+    ref, ref_grads = forward_and_grads(fn, high, grad_out.double(), attn_impl="torch", **kwargs)
     assert out.shape == ref.shape and out.dtype == inputs[0].dtype
     for name, got, want in zip(("out", *names), (out, *grads), (ref, *ref_grads)):
         assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
@@ -112,10 +112,10 @@ def test_mixed_chunk_kernel_half_precision(dtype, causal):
     inputs = make_inputs((1,), 100, 32, 64, dtype=dtype, seed=4)
     grad_out = torch.randn(inputs[-1].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     out, grads = forward_and_grads(mixed_chunk_attention, inputs, grad_out, chunk_size=64, causal=causal,
-                                   impl="triton")
+                                   attn_impl="triton")
     high = [x.detach().double().requires_grad_() for x in inputs]
     ref, ref_grads = forward_and_grads(mixed_chunk_attention, high, grad_out.double(), chunk_size=64, causal=causal,
-                                       impl="torch")
+                                       attn_impl="torch")
     limit = 2e-3 if dtype == torch.float16 else 1.5e-2
     for name, got, want in zip(("out", *NAMES), (out, *grads), (ref, *ref_grads)):
         assert got.dtype == dtype
@@ -127,11 +127,11 @@ def test_mixed_dtypes_promote_and_gradients_keep_each_dtype():
     """Under autocast FLASH gives float32 q/k and half v: computed in the promoted dtype, like the reference."""
     qq, kq, ql, kl, v = make_inputs((2,), 21, 16, 32, seed=5)
     v16 = v.detach().half().requires_grad_()
-    out = mixed_chunk_attention(qq, kq, ql, kl, v16, chunk_size=8, impl="triton")
+    out = mixed_chunk_attention(qq, kq, ql, kl, v16, chunk_size=8, attn_impl="triton")
     assert out.dtype == torch.float32
     grads = torch.autograd.grad(out.sum(), (qq, v16))
     assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float16
-    ref = mixed_chunk_attention(qq, kq, ql, kl, v16, chunk_size=8, impl="torch")
+    ref = mixed_chunk_attention(qq, kq, ql, kl, v16, chunk_size=8, attn_impl="torch")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -139,12 +139,12 @@ def test_kernel_causality():
     """L = 45, C = 16: perturbing every input at a position (chunk starts and ends, the padded last chunk)
     leaves the kernel's earlier outputs bit-identical and changes the output there."""
     inputs = [x.detach() for x in make_inputs((1,), 45, 16, 32, seed=6)]
-    before = mixed_chunk_attention(*inputs, chunk_size=16, impl="triton")
+    before = mixed_chunk_attention(*inputs, chunk_size=16, attn_impl="triton")
     for position in (0, 15, 16, 33, 44):
         perturbed = [x.clone() for x in inputs]
         for x in perturbed:
             x[:, position] += 1.0
-        after = mixed_chunk_attention(*perturbed, chunk_size=16, impl="triton")
+        after = mixed_chunk_attention(*perturbed, chunk_size=16, attn_impl="triton")
         assert torch.equal(before[:, :position], after[:, :position]), f"outputs before {position} changed"
         assert not torch.allclose(before[:, position], after[:, position])
 
@@ -152,9 +152,9 @@ def test_kernel_causality():
 def test_empty_sequence():
     inputs = make_inputs((2,), 0, 8, 16)
     for causal in (True, False):
-        assert mixed_chunk_attention(*inputs, chunk_size=4, causal=causal, impl="triton").shape == (2, 0, 16)
+        assert mixed_chunk_attention(*inputs, chunk_size=4, causal=causal, attn_impl="triton").shape == (2, 0, 16)
         q, k, _, _, v = inputs
-        assert relu2_attention(q, k, v, causal=causal, norm=4, impl="triton").shape == (2, 0, 16)
+        assert relu2_attention(q, k, v, causal=causal, norm=4, attn_impl="triton").shape == (2, 0, 16)
 
 
 # ------------------------------------------------------------------------------ relu^2 (FLASH-Quad)
@@ -189,37 +189,37 @@ def test_dispatch(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "mixed_chunk_attention_triton", spy)
-    reference = mixed_chunk_attention(*inputs, chunk_size=8, impl="torch")
+    reference = mixed_chunk_attention(*inputs, chunk_size=8, attn_impl="torch")
     if DEVICE.type == "cpu":
         assert torch.equal(mixed_chunk_attention(*inputs, chunk_size=8), reference) and calls == []
     else:
         mixed_chunk_attention(*inputs, chunk_size=8)
         assert calls == [(8, True)]
         calls.clear()
-    torch.testing.assert_close(mixed_chunk_attention(*inputs, chunk_size=8, causal=False, impl="triton"),
-                               mixed_chunk_attention(*inputs, chunk_size=8, causal=False, impl="torch"))
+    torch.testing.assert_close(mixed_chunk_attention(*inputs, chunk_size=8, causal=False, attn_impl="triton"),
+                               mixed_chunk_attention(*inputs, chunk_size=8, causal=False, attn_impl="torch"))
     assert calls == [(8, False)]
 
     with pytest.raises(ValueError, match="unknown attention implementation 'cuda'"):
-        mixed_chunk_attention(*inputs, chunk_size=8, impl="cuda")
+        mixed_chunk_attention(*inputs, chunk_size=8, attn_impl="cuda")
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        relu2_attention(inputs[0], inputs[1], inputs[4], norm=8, impl="fast")
+        relu2_attention(inputs[0], inputs[1], inputs[4], norm=8, attn_impl="fast")
     if DEVICE.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(RuntimeError, match="use impl='torch' or 'auto' on the CPU"):
-            mixed_chunk_attention(*inputs, chunk_size=8, impl="triton")
-        with pytest.raises(RuntimeError, match="use impl='torch' or 'auto' on the CPU"):
-            relu2_attention(inputs[0], inputs[1], inputs[4], norm=8, impl="triton")
+        with pytest.raises(RuntimeError, match="use attn_impl='torch' or 'auto' on the CPU"):
+            mixed_chunk_attention(*inputs, chunk_size=8, attn_impl="triton")
+        with pytest.raises(RuntimeError, match="use attn_impl='torch' or 'auto' on the CPU"):
+            relu2_attention(inputs[0], inputs[1], inputs[4], norm=8, attn_impl="triton")
 
 
 def test_reference_checks_run_before_dispatch():
     qq, kq, ql, kl, v = make_inputs((1,), 8, 8, 8)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
-        mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=0, impl="triton")
+        mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=0, attn_impl="triton")
     with pytest.raises(ValueError, match="v must share the leading dims"):
-        mixed_chunk_attention(qq, kq, ql, kl, v[:, :7], chunk_size=4, impl="triton")
+        mixed_chunk_attention(qq, kq, ql, kl, v[:, :7], chunk_size=4, attn_impl="triton")
     with pytest.raises(ValueError, match="norm must be a finite number > 0"):
-        relu2_attention(qq, kq, v, norm=0, impl="triton")
+        relu2_attention(qq, kq, v, norm=0, attn_impl="triton")
 
 
 # ------------------------------------------------------------------------------ the model

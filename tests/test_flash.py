@@ -62,9 +62,9 @@ def test_causality_at_length_not_multiple_of_chunk(mode):
         assert not torch.allclose(out[:, s], reference[:, s]), f"token {s} had no effect on its own logits"
 
 
-def _runtime_length_relu2(q, k, v, causal=True, *, norm, impl="auto"):
+def _runtime_length_relu2(q, k, v, causal=True, *, norm, attn_impl="auto"):
     """The public ports' bug: normalise by the runtime length instead of the fixed constant."""
-    return relu2_attention(q, k, v, causal=causal, norm=q.shape[-2], impl=impl)
+    return relu2_attention(q, k, v, causal=causal, norm=q.shape[-2], attn_impl=attn_impl)
 
 
 @pytest.mark.parametrize("mode", sorted(CONFIGS))

@@ -1,5 +1,5 @@
 """The Triton H-Transformer-1D kernels (`hier_lm/ops/h_attention_triton.py`) against the PyTorch reference
-`h_attention(..., impl="torch")`: outputs and the gradients of q, k, v and the h-RPB table, causal and
+`h_attention(..., attn_impl="torch")`: outputs and the gradients of q, k, v and the h-RPB table, causal and
 bidirectional, both value coarsenings, lengths that are not multiples of Nr or of the padded length, head
 dims 32 / 64 / 128, per-row padding, and every kernel output buffer pre-filled with NaN.
 
@@ -39,7 +39,7 @@ def make_inputs(length, dim, batch=1, heads=1, nr=8, value_dim=None, rpb=True, s
 
 
 def compare(q, k, v, rpb, nr, causal, value_coarsening="sum", lengths=None):
-    """Forward and all gradients of impl="triton" against the float64 reference."""
+    """Forward and all gradients of attn_impl="triton" against the float64 reference."""
     leaves = [x for x in (q, k, v, rpb) if x is not None]
     kernel_leaves = [x.clone().requires_grad_(True) for x in leaves]
     ref_leaves = [x.double().requires_grad_(True) for x in leaves]
@@ -47,7 +47,7 @@ def compare(q, k, v, rpb, nr, causal, value_coarsening="sum", lengths=None):
     def run(tensors, impl):
         table = tensors[3] if rpb is not None else None
         return h_attention(*tensors[:3], nr, causal=causal, value_coarsening=value_coarsening, rpb=table,
-                           lengths=lengths, impl=impl)
+                           lengths=lengths, attn_impl=impl)
 
     out, ref = run(kernel_leaves, "triton"), run(ref_leaves, "torch")
     assert out.dtype == torch.float32 and out.shape == v.shape
@@ -95,9 +95,9 @@ def test_per_row_lengths_and_value_dim(causal):
 def test_float16():
     q, k, v, rpb = make_inputs(37, 32, nr=8)
     half = [x.half() for x in (q, k, v)]
-    out = h_attention(*half, 8, causal=True, rpb=rpb, impl="triton")
+    out = h_attention(*half, 8, causal=True, rpb=rpb, attn_impl="triton")
     assert out.dtype == torch.float16
-    ref = h_attention(*(x.double() for x in half), 8, causal=True, rpb=rpb.double(), impl="torch")
+    ref = h_attention(*(x.double() for x in half), 8, causal=True, rpb=rpb.double(), attn_impl="torch")
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -105,9 +105,9 @@ def test_float16():
 def test_bfloat16_forward_backward():
     q, k, v, rpb = make_inputs(300, 64, batch=2, heads=2, nr=16)
     leaves = [x.bfloat16().requires_grad_(True) for x in (q, k, v)]
-    out = h_attention(*leaves, 16, causal=True, rpb=rpb, impl="triton")
+    out = h_attention(*leaves, 16, causal=True, rpb=rpb, attn_impl="triton")
     assert out.dtype == torch.bfloat16
-    ref = h_attention(*(x.double() for x in leaves), 16, causal=True, rpb=rpb.double(), impl="torch")
+    ref = h_attention(*(x.double() for x in leaves), 16, causal=True, rpb=rpb.double(), attn_impl="torch")
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
     out.float().square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)
@@ -118,29 +118,29 @@ def test_bfloat16_forward_backward():
 
 def test_auto_runs_the_reference_on_cpu(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("impl='auto' ran the Triton kernel on CPU tensors")
+        raise AssertionError("attn_impl='auto' ran the Triton kernel on CPU tensors")
 
     monkeypatch.setattr(kernels, "h_attention_triton", fail)
     q = torch.randn(1, 1, 20, 8)
-    out = h_attention(q, q, q, 4, impl="auto")
-    torch.testing.assert_close(out, h_attention(q, q, q, 4, impl="torch"), rtol=0, atol=0)
+    out = h_attention(q, q, q, 4, attn_impl="auto")
+    torch.testing.assert_close(out, h_attention(q, q, q, 4, attn_impl="torch"), rtol=0, atol=0)
     with pytest.raises(AssertionError, match="ran the Triton kernel"):  # the patch is what "triton" calls
-        h_attention(q, q, q, 4, impl="triton")
+        h_attention(q, q, q, 4, attn_impl="triton")
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 1, 20, 8)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        h_attention(q, q, q, 4, impl="triton")
+        h_attention(q, q, q, 4, attn_impl="triton")
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        h_attention(q, q, q, 4, impl="cuda")
+        h_attention(q, q, q, 4, attn_impl="cuda")
 
 
 def test_float64_has_no_kernel():
     q = torch.randn(1, 1, 20, 8, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(TypeError, match="impl='torch'"):
-        h_attention(q, q, q, 4, impl="triton")
+    with pytest.raises(TypeError, match="attn_impl='torch'"):
+        h_attention(q, q, q, 4, attn_impl="triton")
 
 
 # --------------------------------------------------------------------------------- the model

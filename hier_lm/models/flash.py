@@ -34,10 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hier_lm.models.layers import RotaryEmbedding
-from hier_lm.models.transformer import _init_weights
-from hier_lm.ops import mixed_chunk_attention, relu2_attention, relu2_attention_rows
-from hier_lm.ops.dispatch import IMPLS
+from hier_lm.models.layers import RotaryEmbedding, init_weights
+from hier_lm.ops import IMPLS, mixed_chunk_attention, relu2_attention, relu2_attention_rows
 
 MODES = ("quad", "chunk")
 NORMS = ("scalenorm", "layernorm")
@@ -155,10 +153,10 @@ class GAU(nn.Module):
             cache.n += x.shape[1]
         elif self.mode == "quad":
             attended = relu2_attention(qk[0], qk[1], v, causal=self.causal, norm=self.norm_const,
-                                       impl=self.attn_impl)
+                                       attn_impl=self.attn_impl)
         else:
             attended = mixed_chunk_attention(*qk, v, chunk_size=self.chunk_size, causal=self.causal,
-                                             impl=self.attn_impl)
+                                             attn_impl=self.attn_impl)
         return self.out(u * attended)
 
     def _quad_step(self, q: Tensor, k: Tensor, v: Tensor, cache: GAUCache) -> Tensor:
@@ -276,7 +274,7 @@ class FLASH(nn.Module):
         self.blocks = nn.ModuleList(FLASHBlock(d_model, norm, dropout, **gau) for _ in range(n_layers))
         self.norm = make_norm(norm, d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> FLASHCache:
         """An empty incremental-decoding cache (one state per layer)."""

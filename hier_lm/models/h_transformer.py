@@ -23,11 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hier_lm.models.layers import FeedForward, RotaryEmbedding
-from hier_lm.models.transformer import _init_weights
-from hier_lm.ops.dispatch import IMPLS
-from hier_lm.ops.h_attention import VALUE_COARSENINGS, _check_block_size, h_attention
-from hier_lm.ops.h_attention_cache import HAttentionCache, h_attention_decode
+from hier_lm.models.layers import FeedForward, RotaryEmbedding, init_weights
+from hier_lm.ops import (
+    IMPLS,
+    VALUE_COARSENINGS,
+    HAttentionCache,
+    check_block_size,
+    h_attention,
+    h_attention_decode,
+)
 
 POSITIONS = ("hrpb", "rope")
 
@@ -64,7 +68,7 @@ class HAttention(nn.Module):
             q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is None:
             y = h_attention(q, k, v, self.block_size, causal=self.causal, value_coarsening=self.value_coarsening,
-                            rpb=self.rpb, lengths=lengths, impl=self.attn_impl)
+                            rpb=self.rpb, lengths=lengths, attn_impl=self.attn_impl)
         else:  # cached decoding: always the PyTorch reference (a few rows per step)
             y = h_attention_decode(q, k, v, cache, self.block_size, self.value_coarsening, self.rpb)
         return self.out(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
@@ -126,7 +130,7 @@ class HTransformer1D(nn.Module):
             raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
         if value_coarsening not in VALUE_COARSENINGS:
             raise ValueError(f"value_coarsening must be one of {VALUE_COARSENINGS}, got {value_coarsening!r}")
-        block_size = _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if pos == "rope" and (d_model // n_heads) % 2:
@@ -150,7 +154,7 @@ class HTransformer1D(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes or vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> HTransformerCache:
         """An empty incremental-decoding cache: one `HAttentionCache` per block (causal models only)."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hier_lm.models.layers import Block, KVCache
+from hier_lm.models.layers import Block, KVCache, init_weights
 from hier_lm.models.relative_attention import RelativeBiases, RelativeSelfAttention
 from hier_lm.models.resampling import (
     SHORTENINGS,
@@ -38,7 +38,6 @@ from hier_lm.models.resampling import (
     make_shortening,
     make_upsampling,
 )
-from hier_lm.models.transformer import _init_weights
 
 _TOKEN = re.compile(r"^([+-]?\d+)@([+-]?\d+)$")
 
@@ -275,7 +274,7 @@ class Hourglass(nn.Module):
                              upsampling, attention_upsampling_base, pos, self.rel_biases)
         self.post = Stack(self.levels[0].layers_after, **stack)  # its LayerNorm is the final norm
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> HourglassCache:
         """An empty incremental-decoding cache (one state per level)."""

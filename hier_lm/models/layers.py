@@ -106,3 +106,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cache))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-style init: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

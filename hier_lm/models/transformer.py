@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hier_lm.models.layers import Block, KVCache
+from hier_lm.models.layers import Block, KVCache, init_weights
 
 
 class Transformer(nn.Module):
@@ -42,7 +42,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> list[KVCache]:
         """An empty incremental-decoding cache: one KV cache per block."""
@@ -60,10 +60,3 @@ class Transformer(nn.Module):
             x = block(x, cache[i] if cache else None)
         return self.head(self.norm(x))
 
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-style init: N(0, 0.02) for linear and embedding weights, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)

@@ -118,7 +118,7 @@ def _relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start:
 # ----------------------------------------------------------------------------------------- FLASH-Quad
 
 
-def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, norm: float, impl: str = "auto") -> Tensor:
+def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, norm: float, attn_impl: str = "auto") -> Tensor:
     """GAU / FLASH-Quad attention: ``relu(q k^T / sqrt(S))**2 / norm @ v``, O(L^2).
 
     Args:
@@ -128,7 +128,7 @@ def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, nor
         norm: the FIXED constant n (the model's maximum length, or the chunk size), keyword-only and
             required so that no caller forgets it. Never the runtime length ``L``: in causal use the output
             at t would then depend on later tokens.
-        impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
+        attn_impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
             (``chunk_attention_triton.py``).
 
     Returns:
@@ -136,7 +136,7 @@ def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, *, nor
     """
     _check_qkv(("q", "k", "v"), (q, k, v))
     _check_positive("norm", norm, integer=False)
-    if resolve_impl(impl, v) == "triton":
+    if resolve_impl(attn_impl, v) == "triton":
         from hier_lm.ops.chunk_attention_triton import relu2_attention_triton
 
         return relu2_attention_triton(q, k, v, causal, float(norm))
@@ -175,7 +175,7 @@ def mixed_chunk_attention(
     v: Tensor,
     chunk_size: int = 256,
     causal: bool = True,
-    impl: str = "auto",
+    attn_impl: str = "auto",
 ) -> Tensor:
     """FLASH mixed chunk attention, vectorised over chunks (see the module docstring for the scaling).
 
@@ -191,7 +191,7 @@ def mixed_chunk_attention(
         v: ``[B, L, E]`` or ``[B, H, L, E]`` (shared by both parts, as in the paper).
         chunk_size: C >= 1; a constant of the model, never derived from L.
         causal: autoregressive masking (local lower triangle, strictly earlier chunks only).
-        impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
+        attn_impl: ``"auto"`` (Triton on CUDA, this reference elsewhere), ``"torch"`` or ``"triton"``
             (``chunk_attention_triton.py``).
 
     Returns:
@@ -200,7 +200,7 @@ def mixed_chunk_attention(
     tensors = (q_quad, k_quad, q_lin, k_lin, v)
     _check_qkv(("q_quad", "k_quad", "q_lin", "k_lin", "v"), tensors)
     _check_positive("chunk_size", chunk_size, integer=True)
-    if resolve_impl(impl, v) == "triton":
+    if resolve_impl(attn_impl, v) == "triton":
         from hier_lm.ops.chunk_attention_triton import mixed_chunk_attention_triton
 
         return mixed_chunk_attention_triton(q_quad, k_quad, q_lin, k_lin, v, int(chunk_size), causal)

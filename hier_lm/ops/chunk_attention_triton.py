@@ -1,6 +1,6 @@
 """Triton kernels (forward and backward) for FLASH's attention cores: the same functions as the references
 ``mixed_chunk_attention`` and ``relu2_attention`` in ``chunk_attention.py`` (read their docstrings for the
-scaling); only imported by those ops when they run with ``impl="triton"``.
+scaling); only imported by those ops when they run with ``attn_impl="triton"``.
 
 Inputs are flattened to ``[N, L, D]`` (N = batch x heads) and made contiguous; C is the chunk, G = ceil(L / C)
 chunks, chunk g holds the tokens ``g*C .. min(g*C + C, L) - 1`` (the last chunk is never padded in memory: loads
@@ -469,7 +469,7 @@ def mixed_chunk_attention_triton(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, 
                                  chunk_size: int, causal: bool) -> Tensor:
     """``mixed_chunk_attention`` on Triton kernels; inputs already checked by it. Shapes as there."""
     if v.numel() == 0 or q_quad.numel() == 0:  # nothing to launch: the reference handles empty shapes
-        return reference.mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, impl="torch")
+        return reference.mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, attn_impl="torch")
     flat = _flatten((q_quad, k_quad, q_lin, k_lin, v))
     out = _MixedChunkAttention.apply(*flat, int(chunk_size), bool(causal))
     return out.reshape(v.shape)
@@ -478,7 +478,7 @@ def mixed_chunk_attention_triton(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, 
 def relu2_attention_triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, norm: float) -> Tensor:
     """``relu2_attention`` on Triton kernels; inputs already checked by it. Shapes as there."""
     if v.numel() == 0 or q.numel() == 0:
-        return reference.relu2_attention(q, k, v, causal, norm=norm, impl="torch")
+        return reference.relu2_attention(q, k, v, causal, norm=norm, attn_impl="torch")
     flat = _flatten((q, k, v))
     out = _Relu2Attention.apply(*flat, float(norm), bool(causal))
     return out.reshape(v.shape)

@@ -95,7 +95,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def _check_block_size(block_size) -> int:
+def check_block_size(block_size) -> int:
     ok = isinstance(block_size, numbers.Integral) and not isinstance(block_size, bool)
     if not ok or block_size < 2 or block_size % 2:
         raise ValueError(f"block_size (Nr) must be an even integer >= 2, got {block_size!r}")
@@ -323,7 +323,7 @@ def h_attention(
     value_coarsening: str = "sum",
     rpb: Tensor | None = None,
     lengths: Tensor | None = None,
-    impl: str = "auto",
+    attn_impl: str = "auto",
 ) -> Tensor:
     """H-Transformer-1D attention ``softmax(S_hat) @ v`` in O(L * Nr * D) time and memory.
 
@@ -342,14 +342,14 @@ def h_attention(
         lengths: optional ``[B]`` integers in ``[0, L]``: row ``b`` holds ``lengths[b]`` real tokens followed
             by padding (a right-padded batch). Padding is neither a key nor a query (its rows of q, k, v are
             ignored) and its outputs are zero; each row equals ``h_attention`` on its real tokens alone.
-        impl: ``"auto"`` (the Triton kernels of ``ops/h_attention_triton.py`` for CUDA tensors, except
+        attn_impl: ``"auto"`` (the Triton kernels of ``ops/h_attention_triton.py`` for CUDA tensors, except
             float64, which has no kernel; this reference otherwise), ``"torch"`` or ``"triton"``.
 
     Returns:
         ``[B, H, L, E]`` in the inputs' (promoted) dtype.
     """
     _check_inputs(q, k, v)
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if value_coarsening not in VALUE_COARSENINGS:
         raise ValueError(f"value_coarsening must be one of {VALUE_COARSENINGS}, got {value_coarsening!r}")
     _, heads, length, dim = q.shape
@@ -358,10 +358,10 @@ def h_attention(
     if lengths is not None:
         lengths = _check_lengths(lengths, q.shape[0], length, q.device)
     out_dtype, dtype = _dtypes(q, k, v)  # rpb (a parameter, often float32) does not change the output dtype
-    backend = resolve_impl(impl, q)
+    backend = resolve_impl(attn_impl, q)
     if length == 0:
         return v.new_zeros(v.shape, dtype=out_dtype)
-    if backend == "triton" and not (impl == "auto" and out_dtype == torch.float64):
+    if backend == "triton" and not (attn_impl == "auto" and out_dtype == torch.float64):
         from hier_lm.ops.h_attention_triton import h_attention_triton  # imports triton: only when used
 
         return h_attention_triton(q, k, v, block_size, causal, value_coarsening, rpb, lengths)

@@ -25,7 +25,7 @@ from torch import Tensor
 from hier_lm.ops.h_attention import (
     VALUE_COARSENINGS,
     _block_pattern,
-    _check_block_size,
+    check_block_size,
     _dtypes,
     _lse_merge,
     _no_autocast,
@@ -119,7 +119,7 @@ def h_attention_decode(q: Tensor, k: Tensor, v: Tensor, cache: HAttentionCache, 
     """Causal `h_attention` of the `m` new tokens `q, k: [B, H, m, D]`, `v: [B, H, m, E]` that follow the
     `cache.n` tokens already passed through `cache` (updated in place). Returns `[B, H, m, E]`, equal to the
     last `m` rows of `h_attention` over the whole sequence up to float rounding."""
-    nr = _check_block_size(block_size)
+    nr = check_block_size(block_size)
     if value_coarsening not in VALUE_COARSENINGS:
         raise ValueError(f"value_coarsening must be one of {VALUE_COARSENINGS}, got {value_coarsening!r}")
     out_dtype, dtype = _dtypes(q, k, v)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hier_lm.ops.h_attention import _check_block_size
+from hier_lm.ops.h_attention import check_block_size
 
 __all__ = ["h_attention_num_levels", "h_attention_level_masks", "h_attention_levels"]
 
 
 def h_attention_num_levels(length: int, block_size: int) -> int:
     """M >= 1, the number of levels: the smallest M with ``block_size * 2**M >= length``."""
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     levels = 1
     while block_size * 2**levels < length:
         levels += 1

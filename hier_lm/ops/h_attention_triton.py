@@ -1,5 +1,5 @@
 """H-Transformer-1D attention as Triton kernels (forward and backward): the same function as the PyTorch
-reference `hier_lm.ops.h_attention` (whose docstring defines it), run by `h_attention(..., impl="triton")`.
+reference `hier_lm.ops.h_attention` (whose docstring defines it), run by `h_attention(..., attn_impl="triton")`.
 
 Imported lazily by the dispatcher only: it imports triton at the top, but launches nothing, tunes nothing and
 queries no device at import.
@@ -23,7 +23,7 @@ Pipeline (research/h_transformer_1d.md §5.2), for q, k: [B, H, L, D], v: [B, H,
              lse gradient enters as delta_a = rowsum(dO_a * o_a) - dlse_a. Time O(L * Nr * D).
 
 Kernel operands are the inputs' dtype (float16 / bfloat16, or float32 with exact fp32 dots), accumulation in
-float32; per-level outputs, lse and the merge are float32. float64 is not supported (use impl="torch").
+float32; per-level outputs, lse and the merge are float32. float64 is not supported (use attn_impl="torch").
 """
 
 from __future__ import annotations
@@ -476,7 +476,7 @@ def h_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal:
     out_dtype, dtype = _dtypes(q, k, v)
     if out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton h_attention kernel supports {', '.join(map(str, KERNEL_DTYPES))}, got "
-                        f"{out_dtype}; use impl='torch' for it")
+                        f"{out_dtype}; use attn_impl='torch' for it")
     levels, padded = _hierarchy_size(length, block_size)
     with _no_autocast(q.device):
         q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)) for x in (q, k, v))
