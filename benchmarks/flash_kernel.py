@@ -138,7 +138,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def headlines(results: dict) -> list[str]:
-    """One-line ratios for the README summary (CUDA results only)."""
+    """One-line ratios for the summary of the results page, docs/results.md (CUDA results only)."""
     if results.get("interpreted"):
         return []
     lines = []
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("bfloat16 Triton kernels do not run in the CPU interpreter; use --dtype float32 on CPU")
         if "triton" not in sys.modules:  # the interpreter must be switched on before triton is imported
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        from hier_lm.ops.dispatch import triton_installed, triton_interpreted  # (hier_lm imports triton)
+        from hier_lm.ops.common import triton_installed, triton_interpreted  # (hier_lm imports triton)
 
         if not triton_interpreted() or not triton_installed():
             skipped = ("on CPU the kernels need Triton's interpreter: set TRITON_INTERPRET=1 before Python starts "

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from hier_lm.ops import chunk_attention
 from hier_lm.ops.chunk_attention import (
     mixed_chunk_attention,
     naive_mixed_chunk_attention,
+    reference,
     relu2_attention,
     relu2_attention_rows,
 )
@@ -108,7 +108,7 @@ def test_chunked_matches_naive_forward_and_grads(causal, length, chunk_size):
 def test_prefix_blocks_are_invisible(block, monkeypatch):
     """The causal prefix of chunk states runs in blocks of PREFIX_BLOCK chunks with a carry between them; any
     block size (one chunk, a partial last block, exactly G, more than G) gives the oracle's output and grads."""
-    monkeypatch.setattr(chunk_attention, "PREFIX_BLOCK", block)
+    monkeypatch.setattr(reference, "PREFIX_BLOCK", block)
     inputs = make_inputs(100, heads=2, seed=block, requires_grad=True)  # C = 4: G = 25 chunks
     out, grads = forward_and_grads(mixed_chunk_attention, inputs, chunk_size=4)
     ref, ref_grads = forward_and_grads(naive_mixed_chunk_attention, inputs, chunk_size=4)

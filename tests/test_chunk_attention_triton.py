@@ -1,4 +1,4 @@
-"""The Triton kernels of FLASH's attention (hier_lm/ops/chunk_attention_triton.py) against the PyTorch reference:
+"""The Triton kernels of FLASH's attention (hier_lm/ops/chunk_attention/triton.py) against the PyTorch reference:
 outputs and the gradients of every input, causal and bidirectional, lengths that are not multiples of the chunk
 or of the kernel tiles, S/E dims 32, 64 and 128 (and odd ones), batch and head dims, NaN-filled buffers; the
 `attn_impl=` dispatch; FLASH(attn_impl="triton") against attn_impl="torch".
@@ -16,9 +16,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import hier_lm.ops.chunk_attention_triton as kernels  # noqa: E402
 from hier_lm.models import FLASH, build_model  # noqa: E402
+from hier_lm.ops import common  # noqa: E402
 from hier_lm.ops.chunk_attention import mixed_chunk_attention, relu2_attention  # noqa: E402
+from hier_lm.ops.chunk_attention import triton as kernels  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("HIER_LM_TEST_DEVICE", "cpu"))
 NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v")
@@ -27,7 +28,7 @@ NAMES = ("q_quad", "k_quad", "q_lin", "k_lin", "v")
 @pytest.fixture(autouse=True)
 def nan_filled_buffers(monkeypatch):
     """Every output, gradient and state buffer starts as NaN: an element no kernel writes fails the test."""
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "SCRATCH_FILL", float("nan"))
 
 
 def make_inputs(lead, length, s, e, n_qk=4, dtype=torch.float32, seed=0):
@@ -251,7 +252,7 @@ def test_flash_model_triton_equals_torch(mode):
 
 
 def test_flash_attn_impl_argument():
-    with pytest.raises(ValueError, match="attn_impl must be one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="attn_impl must be one of 'auto', 'torch', 'triton'; got 'flash'"):
         FLASH(vocab_size=8, d_model=8, n_layers=1, s=4, attn_impl="flash")
     # a checkpoint's model config written before attn_impl existed still builds, with the default "auto"
     old = build_model({"name": "flash", "vocab_size": 8, "d_model": 8, "n_layers": 1, "s": 4, "chunk_size": 4})

@@ -1,4 +1,4 @@
-"""The Triton H-Transformer-1D kernels (`hier_lm/ops/h_attention_triton.py`) against the PyTorch reference
+"""The Triton H-Transformer-1D kernels (`hier_lm/ops/h_attention/triton.py`) against the PyTorch reference
 `h_attention(..., attn_impl="torch")`: outputs and the gradients of q, k, v and the h-RPB table, causal and
 bidirectional, both value coarsenings, lengths that are not multiples of Nr or of the padded length, head
 dims 32 / 64 / 128, per-row padding, and every kernel output buffer pre-filled with NaN.
@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux)")
 
 from hier_lm.models import HTransformer1D  # noqa: E402
-from hier_lm.ops import h_attention  # noqa: E402
-from hier_lm.ops import h_attention_triton as kernels  # noqa: E402
+from hier_lm.ops import common, h_attention  # noqa: E402
+from hier_lm.ops.h_attention import triton as kernels  # noqa: E402
 
 DEVICE = os.environ.get("HIER_LM_TEST_DEVICE", "cpu")
 
@@ -26,7 +26,7 @@ DEVICE = os.environ.get("HIER_LM_TEST_DEVICE", "cpu")
 @pytest.fixture(autouse=True)
 def nan_scratch(monkeypatch):
     """Every buffer a kernel writes (o, lse, dq, dk, dv) starts as NaN: an element it forgets shows up."""
-    monkeypatch.setattr(kernels, "SCRATCH_FILL", float("nan"))
+    monkeypatch.setattr(common, "SCRATCH_FILL", float("nan"))
 
 
 def make_inputs(length, dim, batch=1, heads=1, nr=8, value_dim=None, rpb=True, seed=0):

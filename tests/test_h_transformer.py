@@ -1,16 +1,16 @@
 """H-Transformer-1D model: cached incremental decoding against the uncached operator and model, its bounded
 per-token state and work, causality at deep hierarchies, the bidirectional encoder and classifier (padding,
 pooling), argument errors and a tiny classification overfit. The shared LM contract tests (causality,
-cache == full, cached == uncached generation, overfit) run on the TINY entries of tests/test_models.py."""
+cache == full, cached == uncached generation, overfit) run on the `h_transformer` cases of tests/test_models.py."""
 
 import math
 
 import pytest
 import torch
 
-import hier_lm.ops.h_attention_cache as ht
 from hier_lm.models import HTransformer1D, build_model
 from hier_lm.ops import h_attention
+from hier_lm.ops.h_attention import cache as ht
 
 F64 = torch.float64
 VOCAB = 32
@@ -225,5 +225,5 @@ def test_bad_calls_are_clear_errors():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="causal=True"):
         tiny(causal=False).new_cache()
-    with pytest.raises(TypeError, match="bad arguments for model 'h_transformer'"):
+    with pytest.raises(ValueError, match="HTransformer1DConfig has no option 'n_levels'"):
         build_model(dict(name="h_transformer", n_levels=3))

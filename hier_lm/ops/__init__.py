@@ -1,6 +1,6 @@
-"""Attention operators: each a public function with its checks and the dispatch between a plain PyTorch
-reference (the readable definition, used on CPU) and Triton kernels (used on CUDA), `attn_impl="auto" | "torch" |
-"triton"`."""
+"""Attention operators, one package each (`h_attention/`, `chunk_attention/`): a public function with its checks
+and the dispatch between a plain PyTorch reference (`reference.py`, the readable definition, used on CPU) and
+Triton kernels (`triton.py`, used on CUDA), `attn_impl="auto" | "torch" | "triton"` (`common.py`)."""
 
 from hier_lm.ops.chunk_attention import (
     mixed_chunk_attention,
@@ -8,10 +8,17 @@ from hier_lm.ops.chunk_attention import (
     relu2_attention,
     relu2_attention_rows,
 )
-from hier_lm.ops.dispatch import IMPLS
-from hier_lm.ops.h_attention import VALUE_COARSENINGS, check_block_size, h_attention
-from hier_lm.ops.h_attention_cache import HAttentionCache, h_attention_decode
-from hier_lm.ops.h_attention_structure import h_attention_level_masks, h_attention_levels, h_attention_num_levels
+from hier_lm.ops.common import IMPLS
+from hier_lm.ops.h_attention import (
+    VALUE_COARSENINGS,
+    HAttentionCache,
+    check_block_size,
+    h_attention,
+    h_attention_decode,
+    h_attention_level_masks,
+    h_attention_levels,
+    h_attention_num_levels,
+)
 
 __all__ = ["IMPLS", "VALUE_COARSENINGS", "HAttentionCache", "check_block_size", "h_attention", "h_attention_decode",
            "h_attention_level_masks", "h_attention_levels", "h_attention_num_levels", "mixed_chunk_attention",

@@ -1,5 +1,5 @@
 """Triton kernels (forward and backward) for FLASH's attention cores: the same functions as the references
-``mixed_chunk_attention`` and ``relu2_attention`` in ``chunk_attention.py`` (read their docstrings for the
+``mixed_chunk_attention`` and ``relu2_attention`` of ``reference.py`` (the package docstring defines the
 scaling); only imported by those ops when they run with ``attn_impl="triton"``.
 
 Inputs are flattened to ``[N, L, D]`` (N = batch x heads) and made contiguous; C is the chunk, G = ceil(L / C)
@@ -35,13 +35,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hier_lm.ops import chunk_attention as reference
+from hier_lm.ops.chunk_attention.reference import mixed_chunk_attention, relu2_attention  # for empty inputs
+from hier_lm.ops.common import in_compute_dtype, promoted_dtypes, scratch
 
 __all__ = ["mixed_chunk_attention_triton", "relu2_attention_triton"]
-
-# Tests set this to fill every buffer a kernel must write (outputs, gradients, states) with NaN first, so that
-# an element a kernel forgets to write fails the comparison with the reference.
-POISON_OUTPUTS = False
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -356,13 +353,6 @@ def _config(x: Tensor, chunk: int, s: int, e: int) -> dict:
     return dict(ACC=acc, PREC=prec, BM=tile, BN=tile, BS=bs, BE=be, BE_QK=be_qk, num_warps=warps, num_stages=2)
 
 
-def _empty(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
 def _states(x: Tensor, y: Tensor, chunk: int, causal: bool, reverse: bool, cfg: dict) -> Tensor:
     """The linear part's states from x: [N, L, S], y: [N, L, E] -> [N, G, S, E] (fp32; fp64 for fp64): every
     chunk's ``x_g^T y_g`` in parallel, then the scan over chunks (bidirectional: the mean in entry 0)."""
@@ -370,7 +360,7 @@ def _states(x: Tensor, y: Tensor, chunk: int, causal: bool, reverse: bool, cfg: 
     e = y.shape[-1]
     groups = -(-length // chunk)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = _empty((n, groups, s, e), x, dtype)
+    out = scratch((n, groups, s, e), dtype, x.device)
     bs, be = _pow2(s, 16, 64), _pow2(e, 16, 64)
     _chunk_state_kernel[(triton.cdiv(s, bs) * triton.cdiv(e, be), groups, n)](
         x, y, out, length, chunk, groups, s, e, ACC=cfg["ACC"], PREC=cfg["PREC"], BT=_pow2(chunk, 16, 64), BS=bs,
@@ -393,7 +383,7 @@ def _forward(qq, kq, ql, kl, v, chunk, inv_c, causal, linear):
     del cfg["BE_QK"]
     states = _states(kl, v, chunk, causal, False, cfg) if linear else qq
     groups, tiles = _geometry(length, chunk, cfg["BM"])
-    out = _empty((n, length, e), v)
+    out = scratch((n, length, e), v.dtype, v.device)
     grid = (groups * tiles, triton.cdiv(e, cfg["BE"]), n)
     _fwd_kernel[grid](qq, kq, ql if linear else qq, v, states, out, length, chunk, tiles, states.shape[1], s, e,
                       1.0 / math.sqrt(s), inv_c, CAUSAL=causal, LINEAR=linear, **cfg)
@@ -415,8 +405,8 @@ def _backward(grad, qq, kq, ql, kl, v, chunk, inv_c, causal, linear):
     be_qk = cfg.pop("BE_QK")
     flags = dict(CAUSAL=causal, LINEAR=linear, **cfg)
     flags_qk = {**flags, "BE": be_qk}  # dq/dk sum dO V^T over E in narrower tiles (no spills)
-    dqq, dkq, dv = _empty(qq.shape, qq), _empty(kq.shape, kq), _empty(v.shape, v)
-    dql, dkl = (_empty(ql.shape, ql), _empty(kl.shape, kl)) if linear else (dqq, dkq)
+    dqq, dkq, dv = (scratch(x.shape, x.dtype, x.device) for x in (qq, kq, v))
+    dql, dkl = (scratch(x.shape, x.dtype, x.device) for x in (ql, kl)) if linear else (dqq, dkq)
     _bwd_dq_kernel[(groups * tiles, n)](qq, kq, v, grad, states, dqq, dql, *args, **flags_qk)
     _bwd_dk_kernel[(groups * tiles, n)](qq, kq, v, grad, dstates, dkq, dkl, *args, **flags_qk)
     _bwd_dv_kernel[(groups * tiles, triton.cdiv(e, cfg["BE"]), n)](qq, kq, kl if linear else kq, grad, dstates, dv,
@@ -459,18 +449,17 @@ class _Relu2Attention(torch.autograd.Function):
 
 def _flatten(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Promote to one dtype and flatten the leading dims: ``[..., L, D] -> [N, L, D]`` contiguous."""
-    dtype = tensors[0].dtype
-    for x in tensors[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
+    dtype, _ = promoted_dtypes(*tensors)
     return tuple(x.to(dtype).reshape(-1, *x.shape[-2:]).contiguous() for x in tensors)
 
 
 def mixed_chunk_attention_triton(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k_lin: Tensor, v: Tensor,
                                  chunk_size: int, causal: bool) -> Tensor:
     """``mixed_chunk_attention`` on Triton kernels; inputs already checked by it. Shapes as there."""
+    tensors = (q_quad, k_quad, q_lin, k_lin, v)
     if v.numel() == 0 or q_quad.numel() == 0:  # nothing to launch: the reference handles empty shapes
-        return reference.mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size, causal, attn_impl="torch")
-    flat = _flatten((q_quad, k_quad, q_lin, k_lin, v))
+        return in_compute_dtype(mixed_chunk_attention, tensors, int(chunk_size), causal)
+    flat = _flatten(tensors)
     out = _MixedChunkAttention.apply(*flat, int(chunk_size), bool(causal))
     return out.reshape(v.shape)
 
@@ -478,7 +467,7 @@ def mixed_chunk_attention_triton(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, 
 def relu2_attention_triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, norm: float) -> Tensor:
     """``relu2_attention`` on Triton kernels; inputs already checked by it. Shapes as there."""
     if v.numel() == 0 or q.numel() == 0:
-        return reference.relu2_attention(q, k, v, causal, norm=norm, attn_impl="torch")
+        return in_compute_dtype(relu2_attention, (q, k, v), causal, float(norm))
     flat = _flatten((q, k, v))
     out = _Relu2Attention.apply(*flat, float(norm), bool(causal))
     return out.reshape(v.shape)

@@ -1,11 +1,11 @@
 """H-Transformer-1D attention as Triton kernels (forward and backward): the same function as the PyTorch
-reference `hier_lm.ops.h_attention` (whose docstring defines it), run by `h_attention(..., attn_impl="triton")`.
+reference (`reference.py`; the package docstring defines it), run by `h_attention(..., attn_impl="triton")`.
 
-Imported lazily by the dispatcher only: it imports triton at the top, but launches nothing, tunes nothing and
+Imported lazily by `h_attention` only: it imports triton at the top, but launches nothing, tunes nothing and
 queries no device at import.
 
-Pipeline (research/h_transformer_1d.md §5.2), for q, k: [B, H, L, D], v: [B, H, L, E]:
-1. pyramid   the reference's `_coarsening_pyramid` (torch ops, autograd does its backward), always in the
+Pipeline, for q, k: [B, H, L, D], v: [B, H, L, E]:
+1. pyramid   the reference's `coarsening_pyramid` (torch ops, autograd does its backward), always in the
              "mean" form: coarse values are group means and each coarse key carries the logit bias
              log(real tokens in its group) (-inf for an all-padding group). That is the same function as
              value_coarsening="sum" (sum values, count in the denominator), so both options run this path.
@@ -15,7 +15,7 @@ Pipeline (research/h_transformer_1d.md §5.2), for q, k: [B, H, L, D], v: [B, H,
 3. levels>=1 one launch over the packed coarse pyramid (grid over (level, block)): each coarse query block
              against its LEFT / RIGHT neighbour blocks (causal: LEFT) minus the half-block correction;
              emits (o_l, lse_l) per coarse row.
-4. merge     the reference's coarsest-first log-sum-exp merge (`_upsample`, `_lse_merge`) on (o_l, lse_l):
+4. merge     the reference's coarsest-first log-sum-exp merge (`upsample`, `lse_merge`) on (o_l, lse_l):
              exact, O(L * E). Autograd through it hands each level the output gradient already reduced over
              each coarse query's group of fine rows (and a gradient for lse_l).
 5. backward  flash-attention style, recomputing the probabilities from the saved lse: `_dq_kernel` per query
@@ -32,34 +32,24 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hier_lm.ops.h_attention import (
-    _coarsening_pyramid,
-    _dtypes,
-    _hierarchy_size,
-    _lse_merge,
-    _no_autocast,
-    _Partial,
-    _upsample,
+from hier_lm.ops.common import no_autocast, promoted_dtypes, scratch
+from hier_lm.ops.h_attention.reference import (
+    Partial,
+    coarsening_pyramid,
+    hierarchy_size,
+    lse_merge,
+    normalised_output,
+    padded_inputs,
+    upsample,
 )
 
 __all__ = ["h_attention_triton"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Tests set this to float("nan"): every buffer a kernel writes then starts as NaN, so an element the kernel
-# forgets to write shows up. None = torch.empty (the fast path).
-SCRATCH_FILL: float | None = None
-
-
-def _scratch(shape, device, dtype=torch.float32) -> Tensor:
-    if SCRATCH_FILL is None:
-        return torch.empty(shape, device=device, dtype=dtype)
-    return torch.full(shape, SCRATCH_FILL, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -417,8 +407,8 @@ class _LevelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_bias, rpb, launch: _Launch):
         batch, heads, length, _ = q.shape
-        o = _scratch((batch, heads, length, v.shape[-1]), q.device)
-        lse = _scratch((batch, heads, length), q.device)
+        o = scratch((batch, heads, length, v.shape[-1]), torch.float32, q.device)
+        lse = scratch((batch, heads, length), torch.float32, q.device)
         block_m, block_n = _tile_sizes(launch)
         tiles = _tiles(launch, block_m, q.device)
         rpb_arg, strides, sizes, meta = _common(launch, q, k, v, key_bias, rpb)
@@ -441,8 +431,8 @@ class _LevelAttention(torch.autograd.Function):
         delta = delta.contiguous()
         do = do.to(q.dtype).contiguous()
         rpb_grad = rpb is not None and ctx.needs_input_grad[4]
-        dq, dk = _scratch(q.shape, q.device), _scratch(k.shape, q.device)
-        dv = _scratch(v.shape, q.device)
+        dq, dk = scratch(q.shape, torch.float32, q.device), scratch(k.shape, torch.float32, q.device)
+        dv = scratch(v.shape, torch.float32, q.device)
         rpb_arg, strides, sizes, meta = _common(launch, q, k, v, key_bias, rpb)
         block_m, block_n = _tile_sizes(launch)
 
@@ -472,20 +462,15 @@ def h_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal:
     tensor or None, L >= 1) with Triton kernels. `value_coarsening` does not change the function (the
     kernels use the mean form, see the module docstring). Returns [B, H, L, E] in the inputs' dtype."""
     del value_coarsening  # "sum" and "mean" are the same function; the mean form is used for both
-    batch, heads, length, dim = q.shape
-    out_dtype, dtype = _dtypes(q, k, v)
+    heads, length = q.shape[1:3]
+    out_dtype, dtype = promoted_dtypes(q, k, v)
     if out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton h_attention kernel supports {', '.join(map(str, KERNEL_DTYPES))}, got "
                         f"{out_dtype}; use attn_impl='torch' for it")
-    levels, padded = _hierarchy_size(length, block_size)
-    with _no_autocast(q.device):
-        q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)) for x in (q, k, v))
-        q = q * dim**-0.5
-        real = torch.arange(padded, device=q.device) < length  # [L_pad]
-        if lengths is not None:  # [B, 1, L_pad]; padded rows of q, k, v become zero
-            real = real & (torch.arange(padded, device=q.device) < lengths[:, None, None])
-            q, k, v = (torch.where(real[..., None], x, 0.0) for x in (q, k, v))
-        pyramid = _coarsening_pyramid(q, k, v, real, levels, causal, "mean")
+    levels, padded = hierarchy_size(length, block_size)
+    with no_autocast(q.device):
+        q, k, v, real = padded_inputs(q.to(dtype), k.to(dtype), v.to(dtype), padded, lengths)
+        pyramid = coarsening_pyramid(q, k, v, real, levels, causal, "mean")
         if rpb is not None:
             rpb = rpb.to(torch.float32).expand(heads, -1).contiguous()
 
@@ -505,11 +490,7 @@ def h_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal:
 
         merged = None  # coarsest first, as the reference: a partial with numerator o, denominator 1 at lse
         for o, lse in reversed(outputs):
-            partial = _Partial(o, torch.isfinite(lse).to(o.dtype), lse)
-            merged = partial if merged is None else _lse_merge(partial, _upsample(merged))
-        numerator, denominator = merged.numerator[..., :length, :], merged.denominator[..., :length, None]
-        if lengths is None:
-            out = numerator / denominator
-        else:  # padded query rows may have no key at all: their output is zero
-            out = torch.where(real[..., :length, None], numerator / denominator.clamp(min=1e-30), 0.0)
+            partial = Partial(o, torch.isfinite(lse).to(o.dtype), lse)
+            merged = partial if merged is None else lse_merge(partial, upsample(merged))
+        out = normalised_output(merged, real, length)
     return out.to(out_dtype)

@@ -1,9 +1,9 @@
 """The level structure of H-Transformer-1D attention as dense L x L maps: which level covers each (query,
 key) pair. For tests (the dense ``softmax(S_hat)`` oracle) and for plotting; O(M * L^2) memory, so small L.
 
-Written from the closed form of research/h_transformer_1d.md §1.3, independently of the block windows of
-``h_attention`` (which it checks): with ``Nr = block_size``, ``h = Nr / 2`` and, at level ``l``, the coarse
-query ``a = i >> l`` and coarse key ``c = j >> l`` (``blk(x) = x // Nr``),
+Written from the closed form of the level coverage, independently of the block windows of ``h_attention``
+(which it checks): with ``Nr = block_size``, ``h = Nr / 2`` and, at level ``l``, the coarse query ``a = i >> l``
+and coarse key ``c = j >> l`` (``blk(x) = x // Nr``),
     level 0:    ``blk(c) - blk(a)`` in {-1, 0, +1} (causal: {-1, 0} and ``j <= i``): the exact logits;
     level >= 1: ``blk(c) - blk(a)`` in {-1, +1} (causal: {-1}) and ``|a // h - c // h| >= 2`` (the half-block
                 correction): one coarse logit for the whole ``2**l x 2**l`` group of pairs.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hier_lm.ops.h_attention import check_block_size
+from hier_lm.ops.h_attention.checks import check_block_size
 
 __all__ = ["h_attention_num_levels", "h_attention_level_masks", "h_attention_levels"]
 

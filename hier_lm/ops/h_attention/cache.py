@@ -22,17 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hier_lm.ops.h_attention import (
-    VALUE_COARSENINGS,
-    _block_pattern,
-    check_block_size,
-    _dtypes,
-    _lse_merge,
-    _no_autocast,
-    _pairwise_sum,
-    _Partial,
-    _partial_softmax,
-    _relative_position_bias,
+from hier_lm.ops.common import no_autocast, promoted_dtypes
+from hier_lm.ops.h_attention.checks import check_block_size, check_value_coarsening
+from hier_lm.ops.h_attention.reference import (
+    Partial,
+    block_pattern,
+    lse_merge,
+    pairwise_sum,
+    partial_softmax,
+    relative_position_bias,
 )
 
 __all__ = ["HAttentionCache", "h_attention_decode"]
@@ -47,7 +45,7 @@ class HAttentionCache:
     keys: list[Tensor] = field(default_factory=list)  # level l: key sums per group, [B, H, < 2Nr, D]
     values: list[Tensor] = field(default_factory=list)  # level l: value sums per group, [B, H, < 2Nr, E]
     starts: list[int] = field(default_factory=list)
-    partials: dict[int, _Partial] = field(default_factory=dict)  # level >= 1: current group's far field, 1 row
+    partials: dict[int, Partial] = field(default_factory=dict)  # level >= 1: current group's far field, 1 row
 
     def extend(self, k: Tensor, v: Tensor) -> None:
         """Append fine `k: [B, H, m, D]`, `v: [B, H, m, E]` and build the level-l groups they complete."""
@@ -62,7 +60,7 @@ class HAttentionCache:
             if now > done:  # groups done..now-1 are the pairs 2*done..2*now-1 of the level below
                 lo, hi = 2 * done - self.starts[level - 1], 2 * now - self.starts[level - 1]
                 for store in (self.keys, self.values):
-                    store[level] = torch.cat((store[level], _pairwise_sum(store[level - 1][:, :, lo:hi])), 2)
+                    store[level] = torch.cat((store[level], pairwise_sum(store[level - 1][:, :, lo:hi])), 2)
             level += 1
 
     def trim(self, total: int, block_size: int) -> None:
@@ -76,15 +74,15 @@ class HAttentionCache:
                 self.starts[level] = keep
 
 
-def _empty_partial(query: Tensor, value_dim: int) -> _Partial:
+def _empty_partial(query: Tensor, value_dim: int) -> Partial:
     """A partial softmax over no key at all, one row: `[B, H, 1, E]`, `[B, H, 1]`, row max -inf."""
     B, H = query.shape[:2]
-    return _Partial(query.new_zeros(B, H, 1, value_dim), query.new_zeros(B, H, 1),
-                    query.new_full((B, H, 1), float("-inf")))
+    return Partial(query.new_zeros(B, H, 1, value_dim), query.new_zeros(B, H, 1),
+                   query.new_full((B, H, 1), float("-inf")))
 
 
 def _window_partial(query: Tensor, keys: Tensor, values: Tensor, start: int, first: Tensor, allowed: Tensor,
-                    weight: float, bias: float, rpb_rows: Tensor | None) -> _Partial:
+                    weight: float, bias: float, rpb_rows: Tensor | None) -> Partial:
     """Partial softmax of `n` queries over their key windows of one level's buffer.
 
     query `[B, H, n, D]` (scaled); keys / values `[B, H, S, D/E]`, entry i = group `start + i`; `first: [n]`
@@ -102,16 +100,16 @@ def _window_partial(query: Tensor, keys: Tensor, values: Tensor, start: int, fir
     if rpb_rows is not None:
         scores = scores + rpb_rows[:, :, None, :]
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    return _partial_softmax(scores, value, torch.full(allowed.shape, weight, dtype=scores.dtype,
-                                                      device=scores.device))
+    return partial_softmax(scores, value, torch.full(allowed.shape, weight, dtype=scores.dtype,
+                                                     device=scores.device))
 
 
-def _take_rows(partial: _Partial, index: Tensor) -> _Partial:
-    return _Partial(partial.numerator[:, :, index], partial.denominator[:, :, index], partial.row_max[:, :, index])
+def _take_rows(partial: Partial, index: Tensor) -> Partial:
+    return Partial(partial.numerator[:, :, index], partial.denominator[:, :, index], partial.row_max[:, :, index])
 
 
-def _cat_rows(parts: list[_Partial]) -> _Partial:
-    return _Partial(*(torch.cat(xs, dim=2) for xs in zip(*parts)))
+def _cat_rows(parts: list[Partial]) -> Partial:
+    return Partial(*(torch.cat(xs, dim=2) for xs in zip(*parts)))
 
 
 def h_attention_decode(q: Tensor, k: Tensor, v: Tensor, cache: HAttentionCache, block_size: int,
@@ -120,14 +118,13 @@ def h_attention_decode(q: Tensor, k: Tensor, v: Tensor, cache: HAttentionCache, 
     `cache.n` tokens already passed through `cache` (updated in place). Returns `[B, H, m, E]`, equal to the
     last `m` rows of `h_attention` over the whole sequence up to float rounding."""
     nr = check_block_size(block_size)
-    if value_coarsening not in VALUE_COARSENINGS:
-        raise ValueError(f"value_coarsening must be one of {VALUE_COARSENINGS}, got {value_coarsening!r}")
-    out_dtype, dtype = _dtypes(q, k, v)
+    check_value_coarsening(value_coarsening)
+    out_dtype, dtype = promoted_dtypes(q, k, v)
     m, dim = q.shape[2:]
     start, end = cache.n, cache.n + m
     if m == 0:
         return v.new_zeros(v.shape, dtype=out_dtype)
-    with _no_autocast(q.device):
+    with no_autocast(q.device):
         q, k, v = q.to(dtype) * dim**-0.5, k.to(dtype), v.to(dtype)
         rpb = None if rpb is None else rpb.to(dtype)
         cache.extend(k, v)
@@ -135,8 +132,8 @@ def h_attention_decode(q: Tensor, k: Tensor, v: Tensor, cache: HAttentionCache, 
 
         merged = None  # coarsest level first, as in the uncached operator (levels above `top` are empty)
         top = max((level for level in range(1, len(cache.keys)) if (end - 1) >> level >= nr), default=0)
-        far_pattern = _block_pattern((-1,), 1, True, nr, q.device)  # [Nr, Nr], the same for every level >= 1
-        far_rpb = None if rpb is None else _relative_position_bias(rpb, (-1,), nr)  # [H, Nr, Nr]
+        far_pattern = block_pattern((-1,), 1, True, nr, q.device)  # [Nr, Nr], the same for every level >= 1
+        far_rpb = None if rpb is None else relative_position_bias(rpb, (-1,), nr)  # [H, Nr, Nr]
         for level in range(top, 0, -1):
             size, first_group = 2**level, start >> level
             parts = []
@@ -155,16 +152,16 @@ def h_attention_decode(q: Tensor, k: Tensor, v: Tensor, cache: HAttentionCache, 
                     (groups // nr - 1) * nr, far_pattern[row], weight, bias,
                     None if far_rpb is None else far_rpb[:, row]))
             table = _cat_rows(parts)
-            cache.partials[level] = _Partial(*(x[:, :, -1:].clone() for x in table))
+            cache.partials[level] = Partial(*(x[:, :, -1:].clone() for x in table))
             partial = _take_rows(table, (t >> level) - first_group)  # each new token's row, [B, H, m, .]
-            merged = partial if merged is None else _lse_merge(partial, merged)
+            merged = partial if merged is None else lse_merge(partial, merged)
 
         row = t % nr  # level 0: the own block up to the token and the block to its left
         near = _window_partial(
             q, cache.keys[0], cache.values[0], cache.starts[0], (t // nr - 1) * nr,
-            _block_pattern((-1, 0), 0, True, nr, q.device)[row], 1.0, 0.0,
-            None if rpb is None else _relative_position_bias(rpb, (-1, 0), nr)[:, row])
-        merged = near if merged is None else _lse_merge(near, merged)
+            block_pattern((-1, 0), 0, True, nr, q.device)[row], 1.0, 0.0,
+            None if rpb is None else relative_position_bias(rpb, (-1, 0), nr)[:, row])
+        merged = near if merged is None else lse_merge(near, merged)
         cache.n = end
         cache.trim(end, nr)
         out = merged.numerator / merged.denominator[..., None]
