@@ -1,4 +1,5 @@
-"""Config plumbing shared by the entry points: where the configs are, composing them, argv handling."""
+"""Config plumbing shared by the entry points: where the configs are, composing and instantiating them, argv
+handling."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from collections.abc import Callable
 from importlib import resources
 
 from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from hier_lm.models import MODELS
+from hier_lm.models.config import hydra_schema
 
 CONFIG_MODULE = "hier_lm.recipes"  # primary configs and the config groups model/, data/, ..., recipe/
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -25,6 +31,20 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
     """The config `python -m hier_lm.train <overrides>` would compose (e.g. `["recipe=quickstart", "seed=1"]`)."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides)
+
+
+def instantiate_entries(entries: DictConfig | None, group: str) -> list:
+    """The objects of a config node of named `_target_` entries (`callbacks`, `logger`), in order, as
+    lightning-hydra-template's `instantiate_callbacks` / `instantiate_loggers`; a null entry is skipped."""
+    objects = []
+    for name, entry in (entries or {}).items():
+        if entry is None:
+            continue
+        if not (isinstance(entry, DictConfig) and "_target_" in entry):
+            raise ValueError(f"{group}.{name} has no _target_: give one (+{group}.{name}._target_=<class>) or "
+                             f"remove the entry (~{group}.{name})")
+        objects.append(instantiate(entry))
+    return objects
 
 
 def quote_free_text_args(keys: tuple[str, ...]) -> None:
@@ -54,3 +74,18 @@ def exit_on_user_error(fn: Callable) -> Callable:
             sys.exit(2)
 
     return wrapper
+
+
+def register_model_schemas() -> None:
+    """Store each model family's options in Hydra's ConfigStore as the schema `model/<family>_schema`, which
+    `recipes/model/<family>.yaml` extends: the family's config dataclass with its defaults (`hydra_schema`),
+    `name` first, without `vocab_size` (always set from the data) and with a `max_len` that may be null (image
+    models: set from the data). A value of the wrong type or an unknown key is then a Hydra error at composition;
+    a bad `Literal` value (typed `str` here) is the model's ValueError when it is built."""
+    store = ConfigStore.instance()
+    for name, model_class in MODELS.items():
+        schema = hydra_schema(model_class.config_class, name, omit=("vocab_size",), nullable=("max_len",))
+        store.store(group="model", name=f"{name}_schema", node=schema)
+
+
+register_model_schemas()

@@ -1,20 +1,35 @@
 """Helpers shared by the test modules."""
 
+import dataclasses
 import os
 from pathlib import Path
 
 from hydra.utils import get_class
 
-from hier_lm.config import compose_train_config
+from hier_lm.config import compose_train_config, hydra_quote_escape
+from hier_lm.models import MODELS
 
-# Model overrides that make each model family tiny; a recipe of a new family adds its entry here.
-TINY_MODEL = {
-    "transformer": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64"],
-    "hourglass": ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.hierarchy='1@1 1@2 1@1'"],
-    "flash": ["model.d_model=32", "model.n_layers=2", "model.s=16", "model.chunk_size=8"],
-    "h_transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
-                      "model.block_size=4"],
-}
+
+def tiny_model_overrides(name: str) -> list[str]:
+    """Hydra overrides `model.<key>=<value>` that make a run's model family `name` its `tiny()` config: every
+    option where `tiny()` differs from the defaults, except `vocab_size` and `max_len` (a run sets them from
+    its data). The other options stay as the recipe sets them."""
+    config_class = MODELS[name].config_class
+    tiny, default = dataclasses.asdict(config_class.tiny()), dataclasses.asdict(config_class())
+    return [f"model.{key}={hydra_value(value)}" for key, value in tiny.items()
+            if value != default[key] and key not in ("vocab_size", "max_len")]
+
+
+def hydra_value(value) -> str:
+    """`value` (a config option: str, bool, number or None) as a Hydra override value."""
+    if isinstance(value, str):
+        return f"'{hydra_quote_escape(value)}'"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+TINY_MODEL = {name: tiny_model_overrides(name) for name in MODELS}  # every family's overrides
 
 
 # Data overrides of image recipes (datamodule metric "bpd"): a few procedural 4x4 images instead of a corpus.

@@ -1,6 +1,7 @@
 """Hourglass-specific tests: hierarchy parsing, the k-1 shift and causal attention pooling (leak tests that
 fail on the known public-port mistakes), every resampling combination, cached decoding at odd chunkings."""
 
+import dataclasses
 import itertools
 import types
 
@@ -9,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from hier_lm import generate
-from hier_lm.models import Hourglass, build_model
+from hier_lm.models import Hourglass, HourglassConfig, build_model
 from hier_lm.models import resampling
 from hier_lm.models.hourglass import HierarchyLevel, parse_hierarchy
 from hier_lm.models.layers import KVCache
 
-VOCAB = 32
-TINY = dict(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_len=64)
+TINY = dataclasses.asdict(HourglassConfig.tiny())  # the tests below give their own hierarchy
+VOCAB = TINY["vocab_size"]
 
 
 def tiny(**kwargs) -> Hourglass:
@@ -74,7 +75,7 @@ def test_bad_options_are_clear_errors():
     for kwargs, message in [(dict(shortening="max"), "shortening must be"), (dict(upsampling="nearest"), "upsampling"),
                             (dict(attention_shortening_base="max"), "attention_shortening_base"),
                             (dict(attention_upsampling_base="x"), "attention_upsampling_base"),
-                            (dict(pos="learned"), "pos must be 'rope' or 'relative'")]:
+                            (dict(pos="learned"), "pos must be one of 'rope', 'relative'; got 'learned'")]:
         with pytest.raises(ValueError, match=message):
             Hourglass(**{**TINY, "hierarchy": "1@1 1@2 1@1", **kwargs})
     with pytest.raises(ValueError, match="exceeds max_len"):

@@ -1,5 +1,5 @@
 """FLASH and FLASH-Quad (Hua et al. 2022, "Transformer Quality in Linear Time"): a stack of Gated Attention
-Units (GAU), see /work/shared/research/flash_gau.md §1-2.
+Units (GAU), the paper's sections 2-3 and its appendix pseudo-code.
 
     tokens -> Embedding -> Dropout -> n_layers x [x + Dropout(GAU(Norm(x)))] -> Norm -> Linear head
 
@@ -10,15 +10,15 @@ One GAU (single head, shapes for x: [B, L, d]):
     O   = (U * attention(Q, K, V)) W_o + b_o      [B, L, d]
 
 * ``mode="quad"`` (FLASH-Quad): ``relu2_attention``: ``relu(q k^T / sqrt(s))**2 / max_len @ V`` over the whole
-  causal prefix. The normaliser is the model's ``max_len``, a FIXED constant (DESIGN.md §4): never the runtime
-  length, which makes the public ports' earlier outputs depend on later tokens (notes §1.3).
+  causal prefix. The normaliser is the model's ``max_len``, a FIXED constant: never the runtime length, which
+  (as in the public ports) would make the outputs at earlier positions depend on how many tokens follow them.
 * ``mode="chunk"`` (FLASH): ``mixed_chunk_attention``: relu^2 inside chunks of C tokens (divided by C) plus linear
-  attention over strictly earlier chunks, ``q_lin . sum_{h<g} K_h^T V_h / (g * C)`` in chunk g (notes §2).
+  attention over strictly earlier chunks, ``q_lin . sum_{h<g} K_h^T V_h / (g * C)`` in chunk g.
 
 Positions: RoPE on every q and k at global token positions (the paper also adds a scaled sinusoid and a learned
-relative bias; Su (notes §1.4) reports RoPE alone works well, and it keeps the cache simple). Norms: scale-norm
-(default, the paper's choice per notes §1.5) or LayerNorm. Init: N(0, 0.02) for linear and embedding weights
-(notes §1.5), but N(0, 1) for the q/k scales gamma (see `OffsetScale`: a departure from the appendix code).
+relative bias; RoPE alone is reported to work as well by its author, J. Su, and it keeps the cache simple).
+Norms: scale-norm (default, the paper's choice) or LayerNorm. Init: N(0, 0.02) for linear and embedding weights
+(as the paper), but N(0, 1) for the q/k scales gamma (see `OffsetScale`: a departure from the appendix code).
 
 Incremental decoding, per layer: quad mode keeps every past key and value (single head); chunk mode keeps the
 running sum of ``K_h^T V_h`` over finished chunks and the quad keys, linear keys and values of the current chunk
@@ -27,18 +27,16 @@ only, so a decoding step costs O(C * (s + e) + s * e) wherever it is.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hier_lm.models.config import ModelConfig, Probability
 from hier_lm.models.layers import RotaryEmbedding, init_weights
 from hier_lm.ops import IMPLS, mixed_chunk_attention, relu2_attention, relu2_attention_rows
-
-MODES = ("quad", "chunk")
-NORMS = ("scalenorm", "layernorm")
 
 
 class ScaleNorm(nn.Module):
@@ -208,72 +206,71 @@ class FLASHCache:
     n: int = 0
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+@dataclass(frozen=True)
+class FLASHConfig(ModelConfig):
+    """The options of `FLASH` (and the shared ones of `ModelConfig`), each with its default (the paper's GAU
+    settings: e = 2d, s = 128, C = 256, scale-norm)."""
+
+    d_model: int = 512
+    n_layers: int = 24
+    expansion: float = 2  # e = expansion * d_model, the width of U and V
+    s: int = 128  # the shared q/k width (even: RoPE)
+    mode: Literal["chunk", "quad"] = "chunk"  # chunk: FLASH (mixed chunk attention); quad: FLASH-Quad
+    chunk_size: int = 256  # C; mode="chunk" only
+    causal: bool = True  # False: a bidirectional encoder (no cache)
+    dropout: Probability = 0.0
+    norm: Literal["scalenorm", "layernorm"] = "scalenorm"
+    attn_impl: Literal[IMPLS] = "auto"  # auto: Triton kernels on CUDA, the PyTorch reference elsewhere
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.s % 2:
+            raise ValueError(f"s (the q/k width) must be an even integer >= 2 for RoPE; got {self.s!r}")
+        if self.expansion <= 0 or round(self.expansion * self.d_model) < 1:
+            raise ValueError(f"expansion must be a number > 0 with expansion * d_model >= 1 (paper: 2); "
+                             f"got {self.expansion!r}")
+
+    @classmethod
+    def tiny(cls) -> FLASHConfig:
+        return cls(vocab_size=32, max_len=64, d_model=32, n_layers=2, s=16, chunk_size=8)
 
 
 class FLASH(nn.Module):
     """FLASH / FLASH-Quad LM. `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`, `logits[:, t]` predicts
     `tokens[:, t+1]` from `tokens[:, :t+1]` (with `causal=True`); any `L <= max_len` (chunk mode pads the last
-    chunk internally; padding is in every real token's future and adds exactly zero).
+    chunk internally; padding is in every real token's future and adds exactly zero). Built from a `FLASHConfig`
+    or its options as keywords.
 
     `mode="chunk"` is FLASH (mixed chunk attention, chunk `chunk_size`, paper default 256), `mode="quad"` is
     FLASH-Quad (full relu^2 attention divided by `max_len`). `expansion * d_model` is the width e of U and V
     (paper: 2), `s` the shared q/k width (paper: 128). Two GAU layers have about the parameters of one
     Transformer block (12 d^2), so use twice the layers for a like-for-like comparison.
     `norm`: `"scalenorm"` (paper) or `"layernorm"`. `causal=False` gives a bidirectional encoder (no cache).
-    `attn_impl`: `"auto"` (the Triton kernels of `ops/chunk_attention_triton.py` on CUDA, the PyTorch reference
-    elsewhere), `"torch"` or `"triton"`; the cached decoding path always runs the reference.
+    `attn_impl`: `"auto"` (the Triton kernels of `hier_lm.ops` on CUDA, the PyTorch reference elsewhere),
+    `"torch"` or `"triton"`; the cached decoding path always runs the reference.
 
     Incremental decoding: `cache = model.new_cache()`, then `model(new_tokens, cache=cache)` returns the logits of
     the new tokens only, for chunks of any size; equal to the uncached forward up to float rounding.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 256,
-        d_model: int = 512,
-        n_layers: int = 24,
-        expansion: float = 2,
-        s: int = 128,
-        mode: str = "chunk",
-        chunk_size: int = 256,
-        causal: bool = True,
-        dropout: float = 0.0,
-        max_len: int = 2048,
-        norm: str = "scalenorm",
-        attn_impl: str = "auto",
-    ):
+    config_class = FLASHConfig
+    block_types: tuple[type[nn.Module], ...] = (FLASHBlock,)  # residual blocks: units of sharding, checkpointing
+
+    def __init__(self, config: FLASHConfig | None = None, **options):
         super().__init__()
-        for name, value, minimum in (("vocab_size", vocab_size, 1), ("d_model", d_model, 1),
-                                     ("n_layers", n_layers, 1), ("max_len", max_len, 1),
-                                     ("chunk_size", chunk_size, 1)):
-            _check_int(name, value, minimum)
-        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 2 or s % 2:
-            raise ValueError(f"s (the q/k width) must be an even integer >= 2 for RoPE, got {s!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'chunk' (FLASH) or 'quad' (FLASH-Quad), got {mode!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be 'scalenorm' or 'layernorm', got {norm!r}")
-        if attn_impl not in IMPLS:
-            raise ValueError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
-        if not isinstance(causal, bool):
-            raise ValueError(f"causal must be true or false, got {causal!r}")
-        if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        ok = isinstance(expansion, numbers.Real) and not isinstance(expansion, bool) and expansion > 0
-        if not ok or round(expansion * d_model) < 1:
-            raise ValueError(f"expansion must be a number > 0 with expansion * d_model >= 1 (paper: 2), "
-                             f"got {expansion!r}")
-        self.vocab_size, self.max_len, self.mode, self.causal = vocab_size, max_len, mode, causal
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
-        gau = dict(expansion_dim=round(expansion * d_model), s=s, mode=mode, chunk_size=chunk_size, causal=causal,
-                   norm_const=max_len, attn_impl=attn_impl)
-        self.blocks = nn.ModuleList(FLASHBlock(d_model, norm, dropout, **gau) for _ in range(n_layers))
-        self.norm = make_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.config = config = FLASHConfig.from_options(config, **options)
+        self.vocab_size, self.max_len = config.vocab_size, config.max_len
+        self.mode, self.causal = config.mode, config.causal
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        gau = dict(expansion_dim=round(config.expansion * config.d_model), s=config.s, mode=config.mode,
+                   chunk_size=config.chunk_size, causal=config.causal, norm_const=config.max_len,
+                   attn_impl=config.attn_impl)
+        self.blocks = nn.ModuleList(
+            FLASHBlock(config.d_model, config.norm, config.dropout, **gau) for _ in range(config.n_layers)
+        )
+        self.norm = make_norm(config.norm, config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(init_weights)
 
     def new_cache(self) -> FLASHCache:

@@ -1,6 +1,6 @@
 """H-Transformer-1D (Zhu & Soricut 2021, "H-Transformer-1D: Fast One-Dimensional Hierarchical Attention for
-Sequences"): pre-LN blocks whose self-attention is `hier_lm.ops.h_attention` (the official semantics with an
-exact per-row log-sum-exp merge; research/h_transformer_1d.md §1).
+Sequences"): pre-LN blocks whose self-attention is `hier_lm.ops.h_attention` (the official level structure,
+with an exact per-row log-sum-exp merge of the levels).
 
     tokens -> Embedding -> Dropout -> n_layers x [x + Drop(HAttn(LN(x))), x + Drop(FFN(LN(x)))] -> LN -> head
 
@@ -17,12 +17,13 @@ of the final states of the real tokens (`lengths` = real tokens per right-padded
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from hier_lm.models.config import ModelConfig, check_heads
 from hier_lm.models.layers import FeedForward, RotaryEmbedding, init_weights
 from hier_lm.ops import (
     IMPLS,
@@ -32,8 +33,6 @@ from hier_lm.ops import (
     h_attention,
     h_attention_decode,
 )
-
-POSITIONS = ("hrpb", "rope")
 
 
 @dataclass
@@ -89,9 +88,37 @@ class HBlock(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+@dataclass(frozen=True)
+class HTransformer1DConfig(ModelConfig):
+    """The options of `HTransformer1D` (and the shared ones of `ModelConfig`), each with its default."""
+
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    d_ff: int | None = None  # the FFN width; None: 4 * d_model
+    block_size: int = 16  # Nr, the level-0 block size (even); the paper's LM1B models use 16
+    pos: Literal["hrpb", "rope"] = "hrpb"  # hrpb: the official hierarchical relative position bias
+    value_coarsening: Literal[VALUE_COARSENINGS] = "sum"  # sum (official) or mean: the same function
+    causal: bool = True  # False: a bidirectional encoder (not a language model)
+    num_classes: int | None = None  # encoder only: a mean-pooled classification head instead of the LM head
+    attn_impl: Literal[IMPLS] = "auto"  # auto: Triton kernels on CUDA, the PyTorch reference elsewhere
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_block_size(self.block_size)
+        check_heads(self.d_model, self.n_heads, rope=self.pos == "rope")
+        if self.num_classes is not None and self.causal:
+            raise ValueError("a classifier (num_classes set) is an encoder: set causal=False")
+
+    @classmethod
+    def tiny(cls) -> HTransformer1DConfig:
+        return cls(vocab_size=32, max_len=64, dropout=0.0, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=4)
+
+
 class HTransformer1D(nn.Module):
     """H-Transformer-1D. Decoder (`causal=True`): `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`,
-    `logits[:, t]` predicts `tokens[:, t+1]` from `tokens[:, :t+1]`; any `L <= max_len`.
+    `logits[:, t]` predicts `tokens[:, t+1]` from `tokens[:, :t+1]`; any `L <= max_len`. Built from an
+    `HTransformer1DConfig` or its options as keywords.
 
     `block_size` is Nr, the level-0 block size (even); `pos`: `"hrpb"` (official hierarchical relative
     position bias) or `"rope"`; `value_coarsening`: `"sum"` or `"mean"` (the same function, see
@@ -107,53 +134,25 @@ class HTransformer1D(nn.Module):
     classifier: it returns `[B, num_classes]` from the mean of the final states of the real tokens.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 256,
-        d_model: int = 512,
-        n_layers: int = 8,
-        n_heads: int = 8,
-        d_ff: int | None = None,
-        dropout: float = 0.1,
-        block_size: int = 16,
-        max_len: int = 2048,
-        pos: str = "hrpb",
-        value_coarsening: str = "sum",
-        causal: bool = True,
-        num_classes: int | None = None,
-        attn_impl: str = "auto",
-    ):
+    config_class = HTransformer1DConfig
+    block_types: tuple[type[nn.Module], ...] = (HBlock,)  # the residual blocks: units of sharding and checkpointing
+
+    def __init__(self, config: HTransformer1DConfig | None = None, **options):
         super().__init__()
-        if attn_impl not in IMPLS:
-            raise ValueError(f"attn_impl must be one of {IMPLS}, got {attn_impl!r}")
-        if pos not in POSITIONS:
-            raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
-        if value_coarsening not in VALUE_COARSENINGS:
-            raise ValueError(f"value_coarsening must be one of {VALUE_COARSENINGS}, got {value_coarsening!r}")
-        block_size = check_block_size(block_size)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        if pos == "rope" and (d_model // n_heads) % 2:
-            raise ValueError(f"pos='rope' needs an even head dim, got d_model/n_heads = {d_model // n_heads}; "
-                             f"change n_heads or use pos='hrpb'")
-        if not isinstance(max_len, numbers.Integral) or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        if num_classes is not None:
-            if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
-                raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
-            if causal:
-                raise ValueError("a classifier (num_classes set) is an encoder: set causal=False")
-        self.vocab_size, self.max_len, self.causal, self.num_classes = vocab_size, max_len, causal, num_classes
-        self.block_size = block_size
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
-        attention = dict(block_size=block_size, causal=causal, value_coarsening=value_coarsening, pos=pos,
-                         attn_impl=attn_impl)
+        self.config = config = HTransformer1DConfig.from_options(config, **options)
+        self.vocab_size, self.max_len, self.causal = config.vocab_size, config.max_len, config.causal
+        self.num_classes, self.block_size = config.num_classes, config.block_size
+        d_model = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d_model)
+        self.drop = nn.Dropout(config.dropout)
+        attention = dict(block_size=config.block_size, causal=config.causal, value_coarsening=config.value_coarsening,
+                         pos=config.pos, attn_impl=config.attn_impl)
         self.blocks = nn.ModuleList(
-            HBlock(d_model, n_heads, d_ff or 4 * d_model, dropout, **attention) for _ in range(n_layers)
+            HBlock(d_model, config.n_heads, config.d_ff or 4 * d_model, config.dropout, **attention)
+            for _ in range(config.n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, num_classes or vocab_size, bias=False)
+        self.head = nn.Linear(d_model, config.num_classes or config.vocab_size, bias=False)
         self.apply(init_weights)
 
     def new_cache(self) -> HTransformerCache:

@@ -1,5 +1,5 @@
 """Hourglass: hierarchical Transformer LM (Nawrot et al. 2021, "Hierarchical Transformers Are More Efficient
-Language Models"), following the official Trax `HourglassLM` (see /work/shared/research/hourglass.md §1).
+Language Models"), following the official implementation, `HourglassLM` of Google's Trax library.
 
     tokens -> Embedding -> Dropout -> pre stack -> valley -> post stack -> Linear head
     valley (factor k):  x' = shorten(shift_right(x, k-1), k);  x' = inner stack(s) / deeper valley;
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hier_lm.models.config import ModelConfig, check_heads
 from hier_lm.models.layers import Block, KVCache, init_weights
 from hier_lm.models.relative_attention import RelativeBiases, RelativeSelfAttention
 from hier_lm.models.resampling import (
@@ -214,10 +215,35 @@ class HourglassCache:
     n: int = 0
 
 
+@dataclass(frozen=True)
+class HourglassConfig(ModelConfig):
+    """The options of `Hourglass` (and the shared ones of `ModelConfig`), each with its default (the paper's
+    enwik8 model, with RoPE)."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    hierarchy: str = "5@1 24@3 5@1"  # the official notation: `n@k` = n layers at 1/k of the length (k cumulative)
+    shortening: Literal[SHORTENINGS] = "attention"
+    attention_shortening_base: Literal["average", "linear"] = "average"  # what attention pooling's queries start from
+    upsampling: Literal[UPSAMPLINGS] = "attention"
+    attention_upsampling_base: Literal["repeat", "linear"] = "repeat"  # what attention upsampling starts from
+    pos: Literal["rope", "relative"] = "rope"  # relative: Transformer-XL, as the paper
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_heads(self.d_model, self.n_heads, rope=self.pos == "rope")
+        parse_hierarchy(self.hierarchy)  # a malformed hierarchy is a ValueError that says how to write it
+
+    @classmethod
+    def tiny(cls) -> HourglassConfig:
+        return cls(vocab_size=32, max_len=64, dropout=0.0, d_model=32, n_heads=4, d_ff=64, hierarchy="2@1 2@3 2@1")
+
+
 class Hourglass(nn.Module):
     """Hourglass LM. `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`, `logits[:, t]` predicts
     `tokens[:, t+1]` from `tokens[:, :t+1]`; any `L <= max_len` (padded internally at the end to a multiple
-    of the total shortening factor).
+    of the total shortening factor). Built from an `HourglassConfig` or its options as keywords.
 
     `hierarchy` is the official notation, e.g. `"5@1 24@3 5@1"` (paper enwik8) or `"2@1 2@3 4@9 2@3 2@1"`.
     `shortening`: `"attention"` (Trax attention pooling, over `attention_shortening_base`), `"average"` or
@@ -229,51 +255,29 @@ class Hourglass(nn.Module):
     of the new tokens only, for chunks of any size; equal to the uncached forward up to float rounding.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 256,
-        d_model: int = 512,
-        n_heads: int = 8,
-        d_ff: int = 2048,
-        dropout: float = 0.0,
-        hierarchy: str = "5@1 24@3 5@1",
-        shortening: str = "attention",
-        attention_shortening_base: str = "average",
-        upsampling: str = "attention",
-        attention_upsampling_base: str = "repeat",
-        pos: str = "rope",
-        max_len: int = 2048,
-    ):
+    config_class = HourglassConfig
+    block_types: tuple[type[nn.Module], ...] = (Block,)  # the residual blocks: units of sharding and checkpointing
+
+    def __init__(self, config: HourglassConfig | None = None, **options):
         super().__init__()
-        if pos not in ("rope", "relative"):
-            raise ValueError(f"pos must be 'rope' or 'relative', got {pos!r}")
-        if shortening not in SHORTENINGS:
-            raise ValueError(f"shortening must be one of {SHORTENINGS}, got {shortening!r}")
-        if upsampling not in UPSAMPLINGS:
-            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {upsampling!r}")
-        if attention_shortening_base not in ("average", "linear"):
-            raise ValueError(f"attention_shortening_base must be 'average' or 'linear', "
-                             f"got {attention_shortening_base!r}")
-        if attention_upsampling_base not in ("repeat", "linear"):
-            raise ValueError(f"attention_upsampling_base must be 'repeat' or 'linear', "
-                             f"got {attention_upsampling_base!r}")
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.levels = parse_hierarchy(hierarchy)
-        self.hierarchy = hierarchy
+        self.config = config = HourglassConfig.from_options(config, **options)
+        d_model, n_heads, d_ff, dropout, pos = config.d_model, config.n_heads, config.d_ff, config.dropout, config.pos
+        self.levels = parse_hierarchy(config.hierarchy)
+        self.hierarchy = config.hierarchy
         self.shorten_factors = tuple(b.factor // a.factor for a, b in zip(self.levels, self.levels[1:]))
         self.total_factor = self.levels[-1].factor
-        self.vocab_size, self.max_len = vocab_size, max_len
-        self.embed = nn.Embedding(vocab_size, d_model)
+        self.vocab_size, self.max_len = config.vocab_size, config.max_len
+        self.embed = nn.Embedding(config.vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
         self.rel_biases = RelativeBiases(n_heads, d_model // n_heads) if pos == "relative" else None
         stack = dict(d_model=d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout, pos=pos, pos_scale=1,
                      rel_biases=self.rel_biases)
         self.pre = Stack(self.levels[0].layers_before, **stack)
-        self.valley = Valley(self.levels, 1, d_model, n_heads, d_ff, dropout, shortening, attention_shortening_base,
-                             upsampling, attention_upsampling_base, pos, self.rel_biases)
+        self.valley = Valley(self.levels, 1, d_model, n_heads, d_ff, dropout, config.shortening,
+                             config.attention_shortening_base, config.upsampling, config.attention_upsampling_base,
+                             pos, self.rel_biases)
         self.post = Stack(self.levels[0].layers_after, **stack)  # its LayerNorm is the final norm
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head = nn.Linear(d_model, config.vocab_size, bias=False)
         self.apply(init_weights)
 
     def new_cache(self) -> HourglassCache:

@@ -2,45 +2,63 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
+from hier_lm.models.config import ModelConfig, check_heads
 from hier_lm.models.layers import Block, KVCache, init_weights
+
+
+@dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+    """The options of `Transformer` (and the shared ones of `ModelConfig`), each with its default."""
+
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    d_ff: int | None = None  # the FFN width; None: 4 * d_model
+    pos: Literal["rope", "learned"] = "rope"  # RoPE in every attention layer, or learned absolute embeddings
+    tie_embeddings: bool = False  # the output head shares the token embedding matrix
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_heads(self.d_model, self.n_heads, rope=self.pos == "rope")
+
+    @classmethod
+    def tiny(cls) -> TransformerConfig:
+        return cls(vocab_size=32, max_len=64, dropout=0.0, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
 
 class Transformer(nn.Module):
     """Decoder-only LM. `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`; `logits[:, t]` predicts
-    `tokens[:, t+1]` from `tokens[:, :t+1]`.
+    `tokens[:, t+1]` from `tokens[:, :t+1]`. Built from a `TransformerConfig` or its options as keywords:
+    `Transformer(vocab_size=256, d_model=256)`.
 
     Incremental decoding: `cache = model.new_cache()`, then `model(new_tokens, cache=cache)` returns the
     logits of the new tokens only, given every token passed before through the same cache.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 256,
-        d_model: int = 512,
-        n_layers: int = 8,
-        n_heads: int = 8,
-        d_ff: int | None = None,
-        dropout: float = 0.1,
-        max_len: int = 2048,
-        pos: str = "rope",
-        tie_embeddings: bool = False,
-    ):
+    config_class = TransformerConfig
+    block_types: tuple[type[nn.Module], ...] = (Block,)  # the residual blocks: units of sharding and checkpointing
+
+    def __init__(self, config: TransformerConfig | None = None, **options):
         super().__init__()
-        if pos not in ("rope", "learned"):
-            raise ValueError(f"pos must be 'rope' or 'learned', got {pos!r}")
-        self.vocab_size, self.max_len = vocab_size, max_len
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.pos_embed = nn.Embedding(max_len, d_model) if pos == "learned" else None
-        self.drop = nn.Dropout(dropout)
+        self.config = config = TransformerConfig.from_options(config, **options)
+        self.vocab_size, self.max_len = config.vocab_size, config.max_len
+        d_model, rope = config.d_model, config.pos == "rope"
+        self.embed = nn.Embedding(config.vocab_size, d_model)
+        self.pos_embed = nn.Embedding(config.max_len, d_model) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ff or 4 * d_model, dropout, rope=pos == "rope") for _ in range(n_layers)
+            Block(d_model, config.n_heads, config.d_ff or 4 * d_model, config.dropout, rope=rope)
+            for _ in range(config.n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
+        self.head = nn.Linear(d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(init_weights)
 

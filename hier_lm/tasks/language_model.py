@@ -10,19 +10,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from hier_lm.models import build_model
-from hier_lm.models.flash import FLASHBlock
-from hier_lm.models.h_transformer import HBlock
-from hier_lm.models.layers import Block
 from hier_lm.tasks.optim import build_optimizer
 
 METRICS = ("bpc", "bpd", "ppl")
 CHECKPOINT_KEY = "hier_lm"  # every hier_lm checkpoint carries {"model": <model kwargs>, "config": <run config>}
-# The residual blocks of every model (Transformer and Hourglass stacks: `Block`; H-Transformer-1D: `HBlock`;
-# FLASH: `FLASHBlock`): the units of FSDP sharding and of activation checkpointing.
-BLOCKS: tuple[type[nn.Module], ...] = (Block, HBlock, FLASHBlock)
 
 
 def metric_value(metric: str, loss_nats: float) -> float:
@@ -59,9 +53,15 @@ def scored_next_token_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor,
     return nll[scored].sum() / max(count, 1), count
 
 
+def block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The residual block types of `model`, as its class declares them (`Transformer.block_types == (Block,)`):
+    the units of FSDP sharding and of activation checkpointing."""
+    return type(model).block_types
+
+
 def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """The residual blocks (`BLOCKS`) of `model`, in module order."""
-    return [m for m in model.modules() if isinstance(m, BLOCKS)]
+    """The residual blocks (`block_types`) of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, block_types(model))]
 
 
 def checkpoint_activations(model: nn.Module) -> None:
@@ -72,7 +72,8 @@ def checkpoint_activations(model: nn.Module) -> None:
     from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as ac
 
     wrapper = partial(ac.checkpoint_wrapper, checkpoint_impl=ac.CheckpointImpl.NO_REENTRANT)
-    ac.apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, BLOCKS))
+    blocks = block_types(model)
+    ac.apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, blocks))
 
 
 def shard_model(model: nn.Module, mesh) -> None:
@@ -89,9 +90,10 @@ def shard_model(model: nn.Module, mesh) -> None:
         raise ValueError(f"trainer=fsdp: FSDP2 cannot shard 0-dim parameters ({', '.join(scalars[:3])}): give them "
                          "shape [1] in the model, or use trainer=ddp")
     reached: dict[int, set[int | None]] = {}  # parameter id -> the blocks it is reached through (None: none)
+    blocks = block_types(model)
 
     def visit(module: nn.Module, block: int | None) -> None:
-        block = id(module) if isinstance(module, BLOCKS) else block
+        block = id(module) if isinstance(module, blocks) else block
         for p in module.parameters(recurse=False):
             reached.setdefault(id(p), set()).add(block)
         for child in module.children():
@@ -105,12 +107,28 @@ def shard_model(model: nn.Module, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
+class TokenCount(Metric):
+    """The number of scored targets: an int64 sum over the updates (and, in `compute`, the ranks), exact at any
+    size (a float metric state is not, beyond 2**24)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, count: int) -> None:
+        self.count += count
+
+    def compute(self) -> torch.Tensor:
+        return self.count
+
+
 class LanguageModelTask(L.LightningModule):
     """Trains `build_model(model)` on batches `LongTensor[B, L + 1]` (inputs `[:, :-1]`, targets `[:, 1:]`).
     Evaluation batches may also be `(tokens, n_context)` pairs (see `scored_next_token_loss`).
 
     Logs `train/loss` (the mean over the optimizer step's micro-batches and ranks), `val/loss` and
-    `val/<metric>` (`test/...` in testing). `config` is the whole composed run config; it is stored in every
+    `val/<metric>` (`test/...` in testing); `scored_tokens` is the exact number of targets the latest validation
+    or test scored, all ranks together. `config` is the whole composed run config; it is stored in every
     checkpoint so that `hier_lm.load` can rebuild the model.
 
     Scale-out (`configure_model`, applied once the strategy is set up): `model.activation_checkpointing=true`
@@ -131,6 +149,8 @@ class LanguageModelTask(L.LightningModule):
         self.model = build_model(self.model_config)
         self.metric = metric
         self.eval_nll = MeanMetric()
+        self.eval_tokens = TokenCount()
+        self.scored_tokens: int | None = None  # targets scored by the latest validation or test, all ranks
         self.last_input_shape: tuple[int, int] | None = None  # (B, L) of the latest training micro-batch
         self._compiled: tuple[nn.Module, ...] = ()  # a tuple, so that it is not registered as a submodule
         self._compile_works, self._configured = False, False
@@ -194,11 +214,14 @@ class LanguageModelTask(L.LightningModule):
     def _eval_step(self, batch) -> None:
         loss, count = scored_next_token_loss(self.model, batch)
         self.eval_nll.update(loss, weight=count)
+        self.eval_tokens.update(count)
 
     def _log_eval(self, stage: str) -> None:
         loss = self.eval_nll.compute().item()
+        self.scored_tokens = int(self.eval_tokens.compute())
         self.eval_nll.reset()
-        # `compute()` syncs the weighted mean across ranks, so every rank logs the global value already;
+        self.eval_tokens.reset()
+        # `compute()` syncs the weighted mean and the count across ranks, so every rank has the global values;
         # sync_dist=True averages identical values (and keeps Lightning from warning that it is not synced).
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/{self.metric}", metric_value(self.metric, loss), prog_bar=True, sync_dist=True)
