@@ -28,7 +28,7 @@ from hier_lm.data.download import Progress
 from hier_lm.tasks import LanguageModelTask
 from hier_lm.tasks.language_model import scored_next_token_loss
 from tests.helpers import subprocess_env
-from tests.test_textfiles import fit_recording
+from tests.test_textfiles import files_state, fit_recording
 
 SIZES = [6000, 500, 500]  # train, valid, test bytes of the fake enwik8
 SEQ_LEN, BATCH = 16, 4
@@ -129,10 +129,6 @@ def enwik8(root: Path, setup: bool = True, **kwargs) -> Enwik8DataModule:
     return dm
 
 
-def files_state(folder: Path) -> dict:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
-
-
 # --------------------------------------------------------------------------------------- download + cache
 
 
@@ -191,7 +187,7 @@ def test_checksum_mismatch_leaves_nothing_and_keeps_good_files(server, tmp_path)
         download(f"{server.url}/enwik8.zip", dest, wrong, progress=False)
     message = str(err.value)
     assert f"{server.url}/enwik8.zip" in message and wrong in message and sha(ZIP) in message
-    assert "data.sha256=null" in message and "--sha256 null" in message
+    assert "data.sha256=null (for training or `python -m hier_lm.data prepare`)" in message
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # no final file, no .part
 
     # A good file already at the final path is never replaced, even when another checksum is asked for.
@@ -289,8 +285,7 @@ def test_local_zip_or_raw_file_without_network(tmp_path):
     (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match=r"damaged.zip is damaged"):
         enwik8(tmp_path / "r", path=tmp_path / "damaged.zip", sha256=None)
-    assert not (tmp_path / "r" / "enwik8" / "meta.json").exists()
-    assert not (tmp_path / "r" / "enwik8" / "corpus.bin.tmp").exists()
+    assert list((tmp_path / "r").iterdir()) == []  # no cache, no writer's temporary folder left
 
 
 # ------------------------------------------------------------------------------------ evaluation windows
@@ -387,8 +382,9 @@ def test_eval_without_context_is_unchanged(tmp_path):
 
 
 def test_prepare_cli(server, tmp_path, capsys):
-    args = ["prepare", "enwik8", "--root", str(tmp_path), "--url", f"{server.url}/enwik8.zip", "--sha256", sha(ZIP),
-            "--raw-sha256", sha(DATA), "--split-sizes", *map(str, SIZES)]
+    args = ["prepare", "enwik8", f"data.root={tmp_path}", f"data.url={server.url}/enwik8.zip",
+            f"data.sha256={sha(ZIP)}", f"raw_sha256={sha(DATA)}",  # the data. prefix is optional
+            f"split_sizes=[{','.join(map(str, SIZES))}]"]
     result = subprocess.run([sys.executable, "-m", "hier_lm.data", *args], capture_output=True, text=True,
                             env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr
@@ -403,15 +399,27 @@ def test_prepare_cli(server, tmp_path, capsys):
 
     data_cli(args)  # again, in this process: the cache is reused
     assert capsys.readouterr().out.splitlines() == out and len(server.requests) == 1
+    # The deprecated flags of the former command line say the same.
+    data_cli(["prepare", "enwik8", "--root", str(tmp_path), "--url", f"{server.url}/enwik8.zip", "--sha256", sha(ZIP),
+              "--raw-sha256", sha(DATA), "--split-sizes", *map(str, SIZES)])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == out and len(server.requests) == 1
+    assert captured.err == (f"note: --flags are deprecated; write the keys as in training: data.root='{tmp_path}' "
+                            f"data.url='{server.url}/enwik8.zip' data.sha256='{sha(ZIP)}' "
+                            f"data.raw_sha256='{sha(DATA)}' data.split_sizes=[{','.join(map(str, SIZES))}]\n")
 
-    with pytest.raises(SystemExit) as exit_info:
-        data_cli(["prepare", "enwik9"])
-    assert exit_info.value.code == 2 and "invalid choice: 'enwik9' (choose from 'enwik8'," in \
-        capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        data_cli(["prepare", "enwik8", "--root", str(tmp_path / "other"), "--path", str(tmp_path / "nowhere")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: data.path=") and err.count("\n") == 1
+    for bad, message in ((["enwik9"], "error: unknown dataset 'enwik9': choose one of enwik8, imagenet32, imagenet64, "
+                                      "lm1b, synthetic_images, textfiles"),
+                         (["enwik8", "data.size=3"], "error: data=enwik8 has no setting data.size: its settings are "
+                                                     "root, url, sha256, raw_sha256, path, split_sizes, seq_len"),
+                         (["enwik8", "seq_len=0"], "error: data.seq_len must be at least 1, got 0"),
+                         (["enwik8", "split_sizes=[1,2"], "error: "),
+                         (["enwik8", f"root={tmp_path / 'r'}", f"path={tmp_path / 'nowhere'}"], "error: data.path="),
+                         (["enwik8", "--path"], "error: --path needs a value: write data.path=VALUE")):
+        with pytest.raises(SystemExit) as exit_info:
+            data_cli(["prepare", *bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_config_group_instantiates_the_module(tmp_path, monkeypatch):

@@ -19,8 +19,11 @@ from hier_lm.config import compose_train_config
 from hier_lm.data import (ChecksumError, DownloadError, ImageNetDataModule, ImageSizeError, SyntheticImagesDataModule,
                           encode_images, prepare_imagenet)
 from hier_lm.data.__main__ import main as data_cli
-from hier_lm.data.images import SyntheticImages, TrainImages
-from hier_lm.data.imagenet import DamagedFileError, _host_tag
+from hier_lm.data.cache import host_tag
+from hier_lm.data.images import TrainImages
+from hier_lm.data.imagenet import DamagedFileError
+from hier_lm.data.synthetic_images import SyntheticImages
+from hier_lm.tasks import ImageModelTask
 from tests.test_enwik8 import Server, files_state, sha
 from tests.test_textfiles import fit_recording
 
@@ -247,7 +250,7 @@ def test_damaged_or_missing_files_keep_the_finished_cache(tmp_path):
 
     # A prepare killed between moving the old cache aside and renaming the new one in: the next run puts the
     # old one back, and deletes a dead process's half-written folder.
-    dead = f"{_host_tag()}-{2 ** 22 + 12345}"  # above Linux's largest pid
+    dead = f"{host_tag()}-{2 ** 22 + 12345}"  # above Linux's largest pid
     good.path.rename(good.path.parent / f".oord.old-{dead}")
     (good.path.parent / f".oord.tmp-{dead}").mkdir()
     assert torch.equal(next(iter(imagenet(tmp_path).val_dataloader())), encode_images(VALID[:4]))
@@ -283,7 +286,7 @@ def test_download_checksum_and_offline(tmp_path):
 
 def test_prepare_cli(tmp_path, capsys):
     source = write_npz(tmp_path / "src")
-    args = ["prepare", "imagenet32", "--format", "npz", "--path", str(source), "--root", str(tmp_path)]
+    args = ["prepare", "imagenet32", "data.format=npz", f"data.path={source}", f"data.root={tmp_path}"]
     data_cli(args)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"imagenet32 (npz) cache: {tmp_path / 'imagenet32' / 'npz'}"
@@ -293,7 +296,7 @@ def test_prepare_cli(tmp_path, capsys):
     assert out[4:] == [f"  source file {name}: sha256 {sha((source / name).read_bytes())}"
                        for name in ("Imagenet32_train_npz.zip", "Imagenet32_val_npz.zip")]
     with pytest.raises(SystemExit) as exit_info:
-        data_cli(["prepare", "imagenet64", "--format", "npz", "--path", str(source), "--root", str(tmp_path)])
+        data_cli(["prepare", "imagenet64", "format=npz", f"path={source}", f"root={tmp_path}"])
     progress, err = capsys.readouterr().err.splitlines()  # the conversion started, then failed: one line
     assert exit_info.value.code == 2 and progress.startswith("imagenet64: converting")
     assert err.startswith("error: Imagenet32_train_npz.zip:") and "[N, 12288]" in err and "use data=imagenet32" in err
@@ -358,6 +361,38 @@ def test_two_ranks_read_disjoint_equal_shards(tmp_path):
     with pytest.raises(ValueError, match=r"the train split has 14 images, fewer than data\.batch_size \* world size "
                                          r"= 8 \* 2"):
         TrainImages(dm.sources["train"], 8, 0, 0, 2)
+
+
+def test_two_ranks_score_every_evaluation_image_once():
+    dm = SyntheticImagesDataModule(size=4, split_sizes=[16, 7, 5], batch_size=2, eval_batch_size=3)
+    dm.setup("validate")
+    whole = list(dm.val_dataloader())  # one rank: the 7 valid images, in order
+    shards = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, distributed_sampler_kwargs={
+            "rank": rank, "num_replicas": 2})
+        shards.append(list(dm.val_dataloader()))  # pairs (pixels, n_context)
+    dm.trainer = None
+    items = [[(tuple(p.tolist()), int(c)) for pixels, n_context in batches for p, c in zip(pixels, n_context)]
+             for batches in shards]
+    assert len(items[0]) == len(items[1]) == 4  # ceil(7 / 2) each: as many forward passes on every rank
+    scored = [[p for p, c in rank_items if c == 0] for rank_items in items]
+    assert not set(scored[0]) & set(scored[1])
+    assert sorted(scored[0] + scored[1]) == sorted(tuple(p.tolist()) for p in torch.cat(whole))
+    assert [c for rank_items in items for _, c in rank_items if c] == [3 * 4 * 4]  # one padding image, all context
+
+    # The image task scores exactly those: both ranks' batches give the one-rank mean NLL and token count.
+    torch.manual_seed(0)
+    task = ImageModelTask(model={"name": "transformer", "vocab_size": 256, "d_model": 16, "n_layers": 1,
+                                 "n_heads": 2, "d_ff": 32, "dropout": 0.0}, optim={}, image_size=4)
+    means = []
+    with torch.no_grad():
+        for batches in (whole, shards[0] + shards[1]):
+            for i, batch in enumerate(batches):
+                task.validation_step(batch, i)
+            means.append((task.eval_nll.compute().item(), task.eval_nll.weight.item()))
+            task.eval_nll.reset()
+    assert means[1][0] == pytest.approx(means[0][0], rel=1e-6) and means[0][1] == means[1][1] == 7 * 3 * 4 * 4
 
 
 # ------------------------------------------------------------------------------------- synthetic, config

@@ -5,6 +5,7 @@ CLI and a 2-step run of the LM1B recipe. No real download: small shards of synth
 layout are served from a local HTTP server."""
 
 import csv
+import functools
 import inspect
 import io
 import itertools
@@ -79,10 +80,21 @@ def normalised(lines: list[str]) -> str:
     return "".join(" ".join(line.split()) + "\n" for line in lines if line.strip())
 
 
+@functools.cache
+def _yaml_arguments() -> dict:
+    return OmegaConf.to_container(compose_train_config(["data=lm1b", "data.root=null"]).data, resolve=True)
+
+
+def yaml_arguments(**kwargs) -> dict:
+    """The arguments of `data=lm1b` (recipes/data/lm1b.yaml: the one place that holds their defaults), with
+    `kwargs` instead of some."""
+    return {k: v for k, v in _yaml_arguments().items() if k != "_target_"} | kwargs
+
+
 def lm1b(root: Path, setup: bool = True, **kwargs) -> LM1BDataModule:
     options = {"root": root, "url": UNREACHABLE, "sha256": sha(TAR), "vocab_size": VOCAB, "tokenizer_sample": SAMPLE,
                "seq_len": SEQ_LEN, "batch_size": BATCH, "num_workers": 0, **kwargs}
-    dm = LM1BDataModule(**options)
+    dm = LM1BDataModule(**yaml_arguments(**options))
     if setup:
         dm.prepare_data()
         dm.setup("fit")
@@ -219,11 +231,11 @@ def test_eval_windows_score_every_token_once_and_split_across_ranks(dm):
 
         # Two ranks (the shared `EvalShard`): the same number of windows each, every window scored by exactly
         # one rank; the shorter shard is padded with a window that scores nothing (n_context = seq_len).
-        shards = []
+        shards, loaders = [], {"valid": dm.val_dataloader, "test": dm.test_dataloader}
         for rank in (0, 1):
             dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
             try:
-                shards.append([(tuple(w.tolist()), int(c)) for batch, context in dm._eval_dataloader(split)
+                shards.append([(tuple(w.tolist()), int(c)) for batch, context in loaders[split]()
                                for w, c in zip(batch, context)])
             finally:
                 dm.trainer = None
@@ -370,11 +382,13 @@ def test_bad_sources_are_one_line_errors_and_leave_no_cache(tar_path, tmp_path):
     assert files_state(good.corpus.path) == state
 
     with pytest.raises(ValueError, match=r"data\.valid_shard and data\.test_shard are both 0"):
-        LM1BDataModule(valid_shard=0)
+        LM1BDataModule(**yaml_arguments(valid_shard=0))
     with pytest.raises(ValueError, match=r"data\.vocab_size must be at least 258"):
-        LM1BDataModule(vocab_size=100)
+        LM1BDataModule(**yaml_arguments(vocab_size=100))
     with pytest.raises(ValueError, match=r"data\.source must be 'tar'.*or 'hf'"):
-        LM1BDataModule(source="web")
+        LM1BDataModule(**yaml_arguments(source="web"))
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'seed'"):  # no defaults here
+        LM1BDataModule(**{k: v for k, v in yaml_arguments().items() if k != "seed"})
     with pytest.raises(ValueError, match=r"the test split has [\d,]+ tokens, fewer than data\.seq_len \+ 1"):
         lm1b(tmp_path / "truncated", path=tar_path, tokenizer_sample=150, seq_len=5000).test_dataloader()
 
@@ -383,8 +397,8 @@ def test_bad_sources_are_one_line_errors_and_leave_no_cache(tar_path, tmp_path):
 
 
 def test_prepare_cli(tar_path, tmp_path, capsys):
-    args = ["prepare", "lm1b", "--root", str(tmp_path), "--path", str(tar_path), "--sha256", sha(TAR),
-            "--vocab-size", str(VOCAB), "--tokenizer-sample", str(SAMPLE)]
+    args = ["prepare", "lm1b", f"data.root={tmp_path}", f"data.path={tar_path}", f"data.sha256={sha(TAR)}",
+            f"data.vocab_size={VOCAB}", f"tokenizer_sample={SAMPLE}"]
     data_cli(args)
     out = capsys.readouterr().out.splitlines()
     folder = next((tmp_path / "lm1b").iterdir())
@@ -395,8 +409,16 @@ def test_prepare_cli(tar_path, tmp_path, capsys):
                                                       ["test", "71", "sentences"]]
     data_cli(args)  # reused
     assert capsys.readouterr().out.splitlines() == out
+    # The deprecated flags of the former command line, mappings included, name the same cache.
+    data_cli(["prepare", "lm1b", "--root", str(tmp_path), "--path", str(tar_path), "--sha256", sha(TAR),
+              "--vocab-size", str(VOCAB), "--tokenizer-sample", str(SAMPLE), "--hf-data-files", "train=a/*.parquet",
+              "test=b/*.parquet", "--hf-revision", "null"])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == out and captured.err.startswith("note: --flags are deprecated")
+    assert "data.vocab_size=320 " in captured.err and "data.hf_data_files={train:'a/*.parquet',test:'b/*.parquet'} " \
+        "data.hf_revision=null\n" in captured.err
     with pytest.raises(SystemExit) as exit_info:
-        data_cli(["prepare", "lm1b", "--root", str(tmp_path / "b"), "--path", str(tmp_path / "nowhere")])
+        data_cli(["prepare", "lm1b", f"root={tmp_path / 'b'}", f"path={tmp_path / 'nowhere'}"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: data.path=") and err.count("\n") == 1
 

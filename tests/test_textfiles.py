@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,11 +14,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import hier_lm.data.corpus as corpus_module
+import hier_lm.data.text.corpus as corpus_module
 from hier_lm.data import ByteCorpus, TextFilesDataModule, resolve_paths, stdlib_files
-from hier_lm.data.corpus import default_data_root
+from hier_lm.data.cache import default_data_root, host_tag
 
 SEQ_LEN, BATCH = 32, 4
+DEAD_PID = 2 ** 22 + 12345  # above Linux's largest pid: the writer that left it was killed
 
 
 def write_files(folder: Path, sizes=(300, 1, 450, 250), seed=0) -> list[Path]:
@@ -33,6 +35,11 @@ def write_files(folder: Path, sizes=(300, 1, 450, 250), seed=0) -> list[Path]:
 
 def concat(files) -> bytes:
     return b"".join(Path(f).read_bytes() for f in files)
+
+
+def files_state(folder: Path) -> dict:
+    """Each file's inode, mtime and bytes: equal states mean nothing was rewritten or replaced."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
 
 
 def entropy_bits(data: bytes) -> float:
@@ -150,15 +157,17 @@ def test_interrupted_builds_are_rebuilt(tmp_path, monkeypatch):
     files = write_files(tmp_path / "src")
     folder = ByteCorpus.build(files, tmp_path / "cache").path
 
-    # Killed while streaming: a partial corpus.bin.tmp, nothing else.
-    (folder / "meta.json").unlink()
-    (folder / "corpus.bin").unlink()
-    (folder / "corpus.bin.tmp").write_bytes(b"partial")
+    # Killed while streaming: a partial corpus.bin in the dead writer's temporary folder, no cache.
+    shutil.rmtree(folder)
+    dead = folder.parent / f".{folder.name}.tmp-{host_tag()}-{DEAD_PID}"
+    dead.mkdir()
+    (dead / "corpus.bin").write_bytes(b"partial")
     corpus = ByteCorpus.build(files, tmp_path / "cache")
     assert (folder / "corpus.bin").read_bytes() == concat(files)
     assert sorted(p.name for p in folder.iterdir()) == ["corpus.bin", "meta.json"]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the leftover is gone
 
-    # Killed between the two renames: corpus.bin there, meta.json not.
+    # corpus.bin there, meta.json not: no finished corpus.
     (folder / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="no finished byte corpus"):
         ByteCorpus(folder)
@@ -175,9 +184,67 @@ def test_interrupted_builds_are_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_module, "entropy_bits", lambda counts: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ByteCorpus.build(files, tmp_path / "cache")
-    assert not (folder / "meta.json").exists()
+    assert not (folder / "meta.json").exists() and [p.name for p in folder.parent.iterdir()] == [folder.name]
     monkeypatch.undo()
     assert ByteCorpus.build(files, tmp_path / "cache").meta == corpus.meta
+
+
+# ------------------------------------------------------------------------------------------- the cache writer
+
+
+def test_cache_writer_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    bounds = {"train": [0, 800], "valid": [800, 900], "test": [900, 1000]}
+    old_bytes, new_bytes = (np.random.default_rng(seed).bytes(1000) for seed in (1, 2))
+    folder = tmp_path / "cache"
+    old = ByteCorpus.write(folder, [old_bytes[:300], old_bytes[300:]], bounds)
+    assert old.meta["sha256"] == hashlib.sha256(old_bytes).hexdigest()  # recorded as written, for prepare
+    (folder / "source.zip").write_bytes(b"not part of the cache")  # e.g. a download kept beside it
+    state = files_state(folder)
+
+    def reject(sha256: str) -> None:
+        raise ValueError(f"rejected {sha256}")
+
+    # A write that fails, while streaming or once complete, leaves the old cache untouched and nothing else.
+    for chunks, verify in (([new_bytes[:500]], None), ([new_bytes], reject)):
+        with pytest.raises(ValueError, match="expected 1,000 bytes|rejected"):
+            ByteCorpus.write(folder, chunks, bounds, verify=verify)
+        assert files_state(folder) == state and [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+    # Interrupted while publishing (the old cache set aside, the new data in, its meta not yet): the old cache
+    # is put back as it was.
+    replace, calls = os.replace, []
+
+    def interrupted(source, target):
+        calls.append(Path(target).name)
+        if Path(target) == folder / "meta.json" and Path(source).parent.name.startswith(".cache.tmp-"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ByteCorpus.write(folder, [new_bytes], bounds)
+    monkeypatch.undo()
+    # Written into the temporary folder; set aside (meta first); moved in: data, then meta (interrupted); put back.
+    assert calls == ["corpus.bin", "meta.json", "meta.json", "corpus.bin", "corpus.bin", "meta.json", "corpus.bin",
+                     "meta.json"]
+    assert files_state(folder) == state and [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+    # The same, killed (nothing cleaned up): the next open of the cache puts the old one back.
+    aside = tmp_path / f".cache.old-{host_tag()}-{DEAD_PID}"
+    aside.mkdir()
+    for name in ("meta.json", "corpus.bin"):
+        os.replace(folder / name, aside / name)
+    (folder / "corpus.bin").write_bytes(new_bytes)
+    (tmp_path / f".cache.tmp-{host_tag()}-{DEAD_PID}").mkdir()
+    assert ByteCorpus.open_finished(folder).meta == old.meta
+    assert files_state(folder) == state and [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+    # A complete write replaces the cache; files that are not part of it stay.
+    new = ByteCorpus.write(folder, [new_bytes], bounds)
+    assert new.meta["sha256"] == hashlib.sha256(new_bytes).hexdigest() != old.meta["sha256"]
+    assert bytes(np.concatenate([new.split(n) for n in ("train", "valid", "test")])) == new_bytes
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus.bin", "meta.json", "source.zip"]
+    assert (folder / "source.zip").read_bytes() == b"not part of the cache"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -374,6 +441,25 @@ def test_eval_windows_partition_the_split(src, split, seq_len, count):
     for out_of_range in (-1, count):
         with pytest.raises(IndexError):
             loader.dataset[out_of_range]
+
+
+def test_two_ranks_score_every_eval_window_once(src):
+    dm = datamodule(src, eval_batch_size=4)
+    windows = torch.cat(list(dm.val_dataloader()))  # one rank: 31 windows of 32 targets
+    shards = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1,
+                                     distributed_sampler_kwargs={"rank": rank, "num_replicas": 2})
+        loader = dm.val_dataloader()
+        # A sequential one-replica DistributedSampler: Lightning keeps it instead of sharding (and padding) again.
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and loader.sampler.num_replicas == 1
+        shards.append([(tuple(w.tolist()), int(c)) for batch, context in loader for w, c in zip(batch, context)])
+    dm.trainer = None
+    assert len(shards[0]) == len(shards[1]) == 16
+    scored = [[w for w, c in shard if c == 0] for shard in shards]
+    assert not set(scored[0]) & set(scored[1])
+    assert sorted(scored[0] + scored[1]) == sorted(tuple(w.tolist()) for w in windows)
+    assert [c for shard in shards for _, c in shard if c] == [SEQ_LEN]  # one padding window, all context
 
 
 def test_hyperparameters_are_plain_values_that_load_with_weights_only(src, tmp_path):

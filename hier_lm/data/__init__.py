@@ -1,13 +1,20 @@
-"""LightningDataModules and the datasets behind them; standalone (imports nothing else from hier_lm)."""
+"""LightningDataModules and the datasets behind them; standalone (of hier_lm it imports `hier_lm.files` only).
 
-from hier_lm.data.corpus import ByteCorpus, resolve_paths, stdlib_files
+Shared pieces: `base` (the resumable DataModule base: loaders, ranks, training position, evaluation sharded
+exactly over the ranks), `cache` (the one writer and reader of the dataset caches), `settings` (argument
+checks), `download`, `pixels` (the pixel-token codec), `images` (the image DataModule base). Datasets:
+`text` (any files, enwik8), `lm1b`, `imagenet`, `synthetic_images`. `python -m hier_lm.data prepare <name>`
+caches a dataset ahead of training.
+"""
+
 from hier_lm.data.download import ChecksumError, DownloadError, download
-from hier_lm.data.enwik8 import Enwik8DataModule, prepare_enwik8
 from hier_lm.data.imagenet import ImageNetDataModule, ImageSizeError, prepare_imagenet
-from hier_lm.data.images import ImageDataModule, SyntheticImagesDataModule
+from hier_lm.data.images import ImageDataModule
 from hier_lm.data.lm1b import LM1BDataModule, TokenCorpus, prepare_lm1b, tokenizer_from_checkpoint
 from hier_lm.data.pixels import IMAGE_VOCAB, decode_images, encode_images, planar_to_hwc
-from hier_lm.data.textfiles import ByteLMDataModule, TextFilesDataModule
+from hier_lm.data.synthetic_images import SyntheticImagesDataModule
+from hier_lm.data.text import (ByteCorpus, ByteLMDataModule, Enwik8DataModule, TextFilesDataModule, prepare_enwik8,
+                               resolve_paths, stdlib_files)
 
 __all__ = ["ByteCorpus", "ByteLMDataModule", "ChecksumError", "DownloadError", "Enwik8DataModule",
            "TextFilesDataModule", "download", "prepare_enwik8", "resolve_paths", "stdlib_files",

@@ -29,6 +29,7 @@ class DownloadError(FileNotFoundError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of the file at `path`, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -37,8 +38,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def checksum_hint(setting: str = "data.sha256") -> str:
-    flag = "--" + setting.removeprefix("data.").replace("_", "-")
-    return (f"pass {setting}=null ({flag} null with `python -m hier_lm.data prepare`) to skip the verification, "
+    """How to skip a checksum, for errors: the `setting` to set to null."""
+    return (f"pass {setting}=null (for training or `python -m hier_lm.data prepare`) to skip the verification, "
             "only if you trust the file")
 
 

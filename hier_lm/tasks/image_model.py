@@ -62,8 +62,10 @@ class ImageModelTask(LanguageModelTask):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return super().training_step(with_start_token(batch), batch_idx)
 
-    def _eval_step(self, batch: torch.Tensor) -> None:
-        super()._eval_step(with_start_token(batch))
+    def _eval_step(self, batch) -> None:
+        # Under data parallelism the pair (pixels, n_context) of an `EvalShard`: n_context = 3HW scores nothing.
+        pixels, n_context = (batch, None) if isinstance(batch, torch.Tensor) else batch
+        super()._eval_step(with_start_token(pixels) if n_context is None else (with_start_token(pixels), n_context))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -1,6 +1,7 @@
 """enwik8 (the first 10^8 bytes of an English Wikipedia XML dump, Hutter Prize) as a byte-level LM dataset:
 download or a local copy, verify, extract, split 90M / 5M / 5M bytes (vocab 256, nothing dropped), cache
-as a `ByteCorpus` under `<root>/enwik8/`, and serve it like `TextFilesDataModule`."""
+as a `ByteCorpus` under `<root>/enwik8/` (beside the kept `enwik8.zip`), and serve it like
+`TextFilesDataModule`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hier_lm.data.corpus import SPLITS, ByteCorpus, default_data_root, plain_split_sizes
+from hier_lm.data.cache import default_data_root
 from hier_lm.data.download import ChecksumError, checksum_hint, download, file_sha256
-from hier_lm.data.textfiles import ByteLMDataModule
+from hier_lm.data.settings import SPLITS, check_sizes, plain_split_sizes
+from hier_lm.data.text.corpus import ByteCorpus, file_chunks
+from hier_lm.data.text.datamodule import ByteLMDataModule
 
 URL = "http://mattmahoney.net/dc/enwik8.zip"
 ZIP_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"  # 36,445,475 bytes
@@ -46,12 +49,6 @@ def _zip_chunks(path: Path, total: int) -> Iterator[bytes]:
                 yield chunk
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            yield chunk
-
-
 def prepare_enwik8(root: str | Path | None = None, url: str = URL, sha256: str | None = ZIP_SHA256,
                    path: str | Path | None = None, raw_sha256: str | None = RAW_SHA256,
                    split_sizes: Sequence[int] = SPLIT_SIZES, progress: bool = True) -> ByteCorpus:
@@ -71,8 +68,8 @@ def prepare_enwik8(root: str | Path | None = None, url: str = URL, sha256: str |
             and (raw_sha256 is None or corpus.meta["sha256"] == raw_sha256.lower())):
         return corpus
 
-    local = (f"pass data.path=/path/to/enwik8.zip or the extracted enwik8 file (--path with `python -m hier_lm.data "
-             f"prepare`), or put enwik8.zip at {folder / 'enwik8.zip'}")
+    local = (f"pass data.path=/path/to/enwik8.zip or the extracted enwik8 file (for training or `python -m "
+             f"hier_lm.data prepare enwik8`), or put enwik8.zip at {folder / 'enwik8.zip'}")
     if path is not None:
         source = Path(path).expanduser()
         if not source.is_file():
@@ -100,12 +97,12 @@ def prepare_enwik8(root: str | Path | None = None, url: str = URL, sha256: str |
 
     if progress:
         print(f"enwik8: caching {total:,} bytes from {source} in {folder}", file=sys.stderr, flush=True)
-    chunks = _zip_chunks(source, total) if is_zip else _file_chunks(source)
+    chunks = _zip_chunks(source, total) if is_zip else file_chunks([source], [source.stat()])
     source_meta = {"source": str(source.resolve()), "source_sha256": source_sha}
     try:
         return ByteCorpus.write(folder, chunks, bounds, {"format": _FORMAT, "dataset": "enwik8"},
-                                {**source_meta, "split_sizes": sizes}, desc="extracting enwik8",
-                                progress=progress and sys.stderr.isatty(), verify=verify)
+                                {**source_meta, "split_sizes": sizes}, progress=progress and sys.stderr.isatty(),
+                                verify=verify)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         fix = (f"delete it and run again to download it anew, or {local}" if path is None
                else f"pass an intact copy (from {URL})")
@@ -123,19 +120,22 @@ class Enwik8DataModule(ByteLMDataModule):
     `eval_context > 0` (batches are then `[windows, n_context]`).
     """
 
+    name = "enwik8"
+
     def __init__(self, root: str | Path | None = None, url: str = URL, sha256: str | None = ZIP_SHA256,
                  path: str | Path | None = None, seq_len: int = 2048, batch_size: int = 8,
                  eval_batch_size: int | None = None, eval_context: int = 0, num_workers: int = 0, seed: int = 0,
                  raw_sha256: str | None = RAW_SHA256, split_sizes: Sequence[int] = SPLIT_SIZES):
         super().__init__()
-        self._check_sizes(seq_len=seq_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                          num_workers=num_workers, seed=seed, eval_context=eval_context)
+        check_sizes(seq_len=seq_len, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                    seed=seed, eval_context=eval_context)
         # Plain Python values (not Hydra's ListConfig, not Path) so that checkpoints load with weights_only=True.
         root = None if root is None else os.fspath(root)
         path = None if path is None else os.fspath(path)
         split_sizes = plain_split_sizes(split_sizes, "byte", SPLIT_SIZES)
         self.save_hyperparameters()
 
-    def _build(self) -> ByteCorpus:
+    def prepare_cache(self) -> ByteCorpus:
+        """Open the enwik8 cache, fetching and caching the bytes first if absent (`prepare_enwik8`)."""
         h = self.hparams
         return prepare_enwik8(h.root, h.url, h.sha256, h.path, h.raw_sha256, h.split_sizes)
