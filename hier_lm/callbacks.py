@@ -1,9 +1,11 @@
-"""Lightning callbacks of the training entry point: throughput, text and image samples, RNG state."""
+"""Lightning callbacks of the training entry point (`recipes/callbacks/default.yaml`): token throughput and MFU,
+samples after each validation, RNG state, the final checkpoint."""
 
 from __future__ import annotations
 
 import io
 import random
+import textwrap
 import time
 from pathlib import Path
 
@@ -11,14 +13,16 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from hier_lm.generation import generate
+from hier_lm.image_sampling import image_grid, sample_images, save_png
 from hier_lm.models import build_model
-from hier_lm.image_sampling import sample_images, save_images
 
 
 def model_flops_per_token(model_config: dict, length: int) -> float:
@@ -32,71 +36,88 @@ def model_flops_per_token(model_config: dict, length: int) -> float:
     return measure_flops(model, lambda: model(tokens[:, :-1]), loss) / length
 
 
-class Throughput(L.Callback):
-    """Logs `train/tokens_per_sec`: input tokens of all ranks per wall-clock second between training
-    batches (data loading included, validation excluded); and `train/mfu`, model FLOPs utilisation: the
-    model FLOPs of those tokens per second over the peak FLOP/s of all the devices, where the peak is known:
-    `peak_flops` (per device) if given, else Lightning's table for the run's compute dtype
-    (`get_available_flops`: NVIDIA data-centre and RTX GPUs, TPUs; never a CPU).
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's `ThroughputMonitor` over the model's input tokens, logged under hier_lm's names (rank 0):
 
-    The model FLOPs per token are counted once, after the first batch, by `model_flops_per_token` on the
-    task's `model_config` at the batch's sequence length: forward and backward of every layer, so also the
-    shortened layers and resampling of the hierarchical models, not a 6N rule. Activation-checkpoint
-    recomputation is not counted (MFU counts the model's FLOPs, not the hardware's).
+    - `train/tokens_per_sec`: input tokens of all ranks per wall-clock second between consecutive training
+      batches (its rolling window of 2; data loading included). The pause from the training batch before a
+      validation to the next one (validation, samples, checkpoints) is left out as a whole;
+    - `train/mfu`, model FLOPs utilisation: the model FLOPs of those tokens per second over the peak FLOP/s of
+      all the devices, where the peak is known: `peak_flops` (per device) if given, else Lightning's table for
+      the run's compute dtype (`available_flops`: NVIDIA data-centre and RTX GPUs, TPUs; never a CPU).
 
-    After the first batch, rank 0 prints the batch layout: devices, per-device batch, gradient accumulation
-    and the global batch (`sequences * seq_len` tokens per optimizer step).
+    A batch counts as the task's `last_input_shape` `(B, L)`: its training micro-batch's model input. The model
+    FLOPs per token are counted once, after the first batch, by `model_flops_per_token` on the task's
+    `model_config` at that `L`: forward and backward of every layer, so also the shortened layers and resampling
+    of the hierarchical models, not a 6N rule. Activation-checkpoint recomputation is not counted (MFU counts
+    the model's FLOPs, not the hardware's). After the first batch, rank 0 prints the batch layout: devices,
+    per-device batch, gradient accumulation and the global batch (`sequences * L` tokens per optimizer step).
+
+    Relies on `ThroughputMonitor`'s internals as of Lightning 2.6: its per-stage `Throughput` and start times
+    (`_throughputs`, `_t0s`) and its `_compute`, which this class replaces to log under the names above.
     """
 
     def __init__(self, peak_flops: float | None = None):
+        super().__init__(batch_size_fn=lambda batch: self._shape[0],
+                         length_fn=lambda batch: self._shape[0] * self._shape[1], window_size=2)
         self.peak_flops = peak_flops
-        self._last: float | None = None
+        self._module_has_flops = False  # the model FLOPs are counted here (train/mfu), not read from the task
+        self._shape: tuple[int, int] = (1, 1)
         self._flops_per_token: float | None = None
-        self._peak: float | None = None
-        self._started, self._restart = False, False
+        self._started, self._paused = False, False
+        self._batch_end = 0.0  # when the latest training batch ended (perf_counter)
 
-    @staticmethod
-    def _input_shape(pl_module, batch) -> tuple[int, int]:
-        """(B, L) of the model input of a training batch, as the task reports it (else a `[B, L + 1]` batch)."""
-        shape = getattr(pl_module, "last_input_shape", None)
-        return tuple(shape) if shape is not None else (batch.shape[0], batch.shape[1] - 1)
-
-    def _start(self, trainer, pl_module, batch_size: int, length: int) -> None:
+    def _start_counting(self, trainer, pl_module) -> None:
+        """Print the batch layout and count the model FLOPs per token (where a peak is known)."""
         self._started = True
-        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        (batch_size, length), world, accumulate = self._shape, trainer.world_size, trainer.accumulate_grad_batches
         sequences = batch_size * world * accumulate
-        if trainer.is_global_zero:
-            print(f"batch: {world} device(s) x {batch_size} sequences x {accumulate} accumulated = global batch "
-                  f"of {sequences} x {length} = {sequences * length:,} tokens per optimizer step", flush=True)
-        dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
-        self._peak = self.peak_flops or get_available_flops(pl_module.device, dtype)
-        if self._peak and hasattr(pl_module, "model_config"):
+        print(f"batch: {world} device(s) x {batch_size} sequences x {accumulate} accumulated = global batch "
+              f"of {sequences} x {length} = {sequences * length:,} tokens per optimizer step", flush=True)
+        if self.peak_flops or self.available_flops:
             try:
                 self._flops_per_token = model_flops_per_token(pl_module.model_config, length)
             except Exception as err:  # an op without a meta kernel, ...
-                if trainer.is_global_zero:
-                    print(f"train/mfu is not logged: the model FLOPs could not be counted "
-                          f"({type(err).__name__}: {err})", flush=True)
+                print(f"train/mfu is not logged: the model FLOPs could not be counted "
+                      f"({type(err).__name__}: {err})", flush=True)
 
+    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        batch_size, length = self._input_shape(pl_module, batch)
+        self._shape = tuple(pl_module.last_input_shape)
         if not self._started:
-            self._start(trainer, pl_module, batch_size, length)
-        if self._last is not None:
-            tokens_per_sec = batch_size * length * trainer.world_size / (now - self._last)
-            pl_module.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
-            if self._flops_per_token:
-                mfu = tokens_per_sec * self._flops_per_token / (self._peak * trainer.world_size)
-                pl_module.log("train/mfu", mfu, prog_bar=True)
-        self._last = now
+            self._start_counting(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._batch_end = time.perf_counter()  # after the parent's clock reading: a pause from here is never counted
 
+    def _compute(self, trainer, iter_num: int | None = None) -> None:
+        """Log the training throughput as `train/tokens_per_sec` (and `train/mfu`) once the window is full."""
+        if trainer.state.stage != RunningStage.TRAINING:
+            return
+        per_device = self._throughputs[RunningStage.TRAINING].compute().get("device/items_per_sec")
+        if per_device is None:
+            return
+        tokens_per_sec = per_device * trainer.world_size
+        module = trainer.lightning_module
+        module.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True)
+        if self._flops_per_token:
+            peak = (self.peak_flops or self.available_flops) * trainer.world_size
+            module.log("train/mfu", tokens_per_sec * self._flops_per_token / peak, prog_bar=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """Validation is not measured: the whole pause around it is left out (`on_train_batch_start`)."""
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        """See `on_validation_start`."""
+
+    @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._restart = True  # do not count the validation (and sampling) time as training time
+        self._paused = not trainer.sanity_checking
 
+    @rank_zero_only
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._restart:
-            self._last, self._restart = time.perf_counter(), False
+        if self._paused:  # leave out the time since the training batch before the validation ended
+            self._t0s[RunningStage.TRAINING] += time.perf_counter() - self._batch_end
+            self._paused = False
 
 
 def sampling_model(pl_module) -> nn.Module | None:
@@ -118,75 +139,63 @@ def sampling_model(pl_module) -> nn.Module | None:
     return copy.to(pl_module.device)
 
 
-class TextSamples(L.Callback):
-    """After each validation, samples a continuation of `prompt` and logs it: a W&B table when W&B is a
-    logger, and appended to `<run>/samples.txt` always."""
+class ValidationSamples(L.Callback):
+    """After each validation (not the sanity check), samples from the model on rank 0 (`sampling_model`), by the
+    task's kind of data:
 
-    def __init__(self, run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0):
-        self.path = Path(run_dir) / "samples.txt"
-        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+    - byte text (metric `bpc`): a continuation of `prompt` (`max_new_tokens` bytes), appended to
+      `<run_dir>/samples.txt`; also a W&B table and TensorBoard text;
+    - images (metric `bpd`): a grid of `num_images` images from the cached `generate`, saved atomically as
+      `<run_dir>/samples/step_<N>.png`; also a W&B image and a TensorBoard image;
+    - other data (subwords): nothing.
+
+    `temperature`, `top_k`, `top_p` and `seed` apply to both (`recipes/train.yaml` `samples:`).
+    """
+
+    def __init__(self, run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 200, num_images: int = 8,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+        self.run_dir = Path(run_dir)
+        self.prompt, self.max_new_tokens, self.num_images = prompt, max_new_tokens, num_images
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
-        self._rows: list[list] = []
+        self._rows: list[list] = []  # (step, text) of every text sample so far: the W&B table
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.max_new_tokens <= 0:
+        count = {"bpc": self.max_new_tokens, "bpd": self.num_images}.get(pl_module.metric, 0)
+        if trainer.sanity_checking or count <= 0:
             return
         model = sampling_model(pl_module)  # None on ranks > 0
         if model is None:
             return
-        prompt = list(self.prompt.encode("utf-8")) or [ord("\n")]
         with torch.autocast(pl_module.device.type, enabled=False):
-            tokens = generate(model, prompt, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
-                              seed=self.seed)
+            if pl_module.metric == "bpd":
+                self._images(trainer, model, pl_module.image_size)
+            else:
+                self._text(trainer, model)
+
+    def _text(self, trainer, model: nn.Module) -> None:
+        prompt = list(self.prompt.encode("utf-8")) or [ord("\n")]
+        tokens = generate(model, prompt, self.max_new_tokens, self.temperature, self.top_k, self.top_p, seed=self.seed)
         text = bytes(tokens.tolist()).decode("utf-8", errors="replace")
         step = trainer.global_step
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"===== step {step} =====\n{text}\n")
         self._rows.append([step, text])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text(key="samples", columns=["step", "text"], data=self._rows)
+            elif isinstance(logger, TensorBoardLogger):  # indented 4 spaces: a Markdown code block, shown verbatim
+                logger.experiment.add_text("samples", textwrap.indent(text, "    ", lambda line: True), step)
 
-
-class ImageSamples(L.Callback):
-    """After each validation, on rank 0 (from `sampling_model`), samples `num_images` images with the cached
-    `generate` and saves their grid as `<run>/samples/step_<N>.png` (atomically); also logs it as a W&B image
-    when W&B is a logger."""
-
-    def __init__(self, run_dir: str | Path, image_size: int, num_images: int = 8, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0):
-        self.dir = Path(run_dir) / "samples"
-        self.image_size, self.num_images = image_size, num_images
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.num_images <= 0:
-            return
-        model = sampling_model(pl_module)  # None on ranks > 0
-        if model is None:
-            return
-        with torch.autocast(pl_module.device.type, enabled=False):
-            images = sample_images(model, self.image_size, self.num_images, temperature=self.temperature,
-                                   top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        step = trainer.global_step
-        (path,) = save_images(images, self.dir / f"step_{step}.png")
+    def _images(self, trainer, model: nn.Module, image_size: int) -> None:
+        images = sample_images(model, image_size, self.num_images, temperature=self.temperature, top_k=self.top_k,
+                               top_p=self.top_p, seed=self.seed)
+        grid, step = image_grid(images), trainer.global_step  # float [3, H', W'] in [0, 1]
+        path = save_png(grid, self.run_dir / "samples" / f"step_{step}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], caption=[f"step {step}"])
-
-
-def sample_callback(datamodule, run_dir: str | Path, samples: dict, seed: int) -> L.Callback | None:
-    """The samples of a run's validations for its data: image grids (`metric == "bpd"`, from
-    `samples.num_images`, `temperature`, `top_k`, `top_p`), text (`"bpc"`, byte data), none otherwise."""
-    samples = dict(samples)
-    num_images = samples.pop("num_images", 8)
-    if datamodule.metric == "bpd":
-        return ImageSamples(run_dir, datamodule.image_size, num_images, samples.get("temperature", 1.0),
-                            samples.get("top_k"), samples.get("top_p"), seed=seed)
-    if datamodule.metric == "bpc":
-        return TextSamples(run_dir, **samples, seed=seed)
-    return None
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, step)
 
 
 class RNGState(L.Callback):

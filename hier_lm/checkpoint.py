@@ -180,16 +180,21 @@ def read_checkpoint(path: str | os.PathLike, model_only: bool = False) -> tuple[
     return file, checkpoint
 
 
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """`module.load_state_dict(state)` (strict); a ValueError naming the checkpoint `file` where they do not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{file}: its weights do not fit the model its config describes ({err})") from err
+
+
 def load(path: str | os.PathLike) -> nn.Module:
     """The trained model of a checkpoint file or run folder, on CPU, in eval mode. `model.image_size` is the
     image size of an image model (`hier_lm.tasks.ImageModelTask`), None for a text model."""
     file, checkpoint = read_checkpoint(path, model_only=True)
     model = build_model(checkpoint[CHECKPOINT_KEY]["model"])
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{file}: its weights do not fit the model its config describes ({err})") from err
+    load_weights(model, state, file)
     model.image_size = checkpoint[CHECKPOINT_KEY].get("image_size")
     return model.eval()
 

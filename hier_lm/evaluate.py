@@ -1,7 +1,10 @@
 """`python -m hier_lm.evaluate ckpt=... split=valid|test`: mean NLL, bpc, bpd or perplexity, tokens evaluated.
 
-Prints the results and writes them as JSON (`<run>/eval_<split>.json` by default). For byte corpora the
-split's unigram entropy (bits per byte) is printed beside bpc as the no-context reference.
+Lightning's `Trainer.test` runs the checkpoint's task (`ImageModelTask` for image models, `LanguageModelTask`
+otherwise) on the split's loader, on `devices=` devices of `accelerator=` at `precision=` (several devices score
+every window once between them). Prints the results and writes them as JSON (`<run>/eval_<split>.json` by
+default). For byte corpora the split's unigram entropy (bits per byte) is printed beside bpc as the no-context
+reference.
 """
 
 from __future__ import annotations
@@ -10,52 +13,62 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
+import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
-from hier_lm.checkpoint import load, read_checkpoint
+from hier_lm.checkpoint import load_weights, read_checkpoint
 from hier_lm.config import CONFIG_PATH, exit_on_user_error
 from hier_lm.files import atomic_write_text
-from hier_lm.tasks import CHECKPOINT_KEY, metric_value, scored_next_token_loss, with_start_token
+from hier_lm.tasks import CHECKPOINT_KEY, build_task
 
 SPLITS = ("valid", "test")
 
 
-@torch.inference_mode()
+class SplitAsTest(L.LightningDataModule):
+    """`datamodule` with the loader of its split `"valid"` or `"test"` as the test loader, so that
+    `Trainer.test` evaluates either split."""
+
+    def __init__(self, datamodule: L.LightningDataModule, split: str):
+        super().__init__()
+        self.datamodule, self.split = datamodule, split
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.datamodule.trainer = self.trainer  # its loaders give each rank its share
+        self.datamodule.setup("validate" if self.split == "valid" else "test")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.datamodule.val_dataloader() if self.split == "valid" else self.datamodule.test_dataloader()
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate the checkpoint on a split; returns the results dict (also written as JSON)."""
+    """Evaluate the checkpoint on a split; returns the results dict (rank 0 also writes it as JSON)."""
     if cfg.split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {cfg.split!r}")
-    file, checkpoint = read_checkpoint(cfg.ckpt)
-    data_cfg = dict(checkpoint[CHECKPOINT_KEY]["config"]["data"])
+    file, checkpoint = read_checkpoint(cfg.ckpt, model_only=True)
+    saved = checkpoint[CHECKPOINT_KEY]
+    data_cfg = dict(saved["config"]["data"])
     overrides = (("root", cfg.data_root), ("eval_batch_size", cfg.batch_size), ("eval_context", cfg.eval_context))
     data_cfg.update({k: v for k, v in overrides if v is not None})
     datamodule = instantiate(data_cfg)
-    datamodule.prepare_data()
-    datamodule.setup("validate" if cfg.split == "valid" else "test")
-    loader = datamodule.val_dataloader() if cfg.split == "valid" else datamodule.test_dataloader()
-    model = load(file).to(cfg.device)
+    task = build_task({**saved["config"], "model": saved["model"]}, datamodule)
+    load_weights(task, checkpoint["state_dict"], file)
+    trainer = instantiate(cfg.trainer, **({"accelerator": cfg.device} if cfg.device else {}))
+    (metrics,) = trainer.test(task, datamodule=SplitAsTest(datamodule, cfg.split), verbose=False)
 
-    total_nll, tokens = 0.0, 0
-    n_batches = len(loader) if cfg.limit_batches is None else min(cfg.limit_batches, len(loader))
-    for i, batch in enumerate(tqdm(loader, total=n_batches, desc=f"evaluating {cfg.split}")):
-        if i == n_batches:
-            break
-        batch = batch.to(cfg.device) if isinstance(batch, torch.Tensor) else [b.to(cfg.device) for b in batch]
-        if datamodule.metric == "bpd":  # image batches are the pixels alone: score all of them after START
-            batch = with_start_token(batch)
-        loss, n = scored_next_token_loss(model, batch)
-        total_nll += loss.item() * n
-        tokens += n
-    loss = total_nll / max(tokens, 1)
-    results = {"checkpoint": str(file), "split": cfg.split, "loss": loss,
-               datamodule.metric: metric_value(datamodule.metric, loss), "tokens": tokens}
+    metric = datamodule.metric
+    results = {"checkpoint": str(file), "split": cfg.split, "loss": metrics["test/loss"],
+               metric: metrics[f"test/{metric}"], "tokens": task.scored_tokens}
     if hasattr(datamodule, "corpus"):
         results["unigram_entropy_bits"] = datamodule.corpus.unigram_entropy(cfg.split)
     out = Path(cfg.out) if cfg.out else file.parent.parent / f"eval_{cfg.split}.json"
-    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    if trainer.is_global_zero:
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)
     return results
 
@@ -64,6 +77,8 @@ def evaluate(cfg: DictConfig) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     r = evaluate(cfg)
+    if rank_zero_only.rank != 0:
+        return
     line = f"{r['split']}: loss {r['loss']:.4f} nats/token"
     if "bpc" in r:
         line += f", {r['bpc']:.4f} bpc"

@@ -1,19 +1,17 @@
-"""Experiment loggers chosen by `logger=csv|tensorboard|wandb|none`; W&B goes offline without credentials."""
+"""What the logger configs (`recipes/logger/*.yaml`, `logger=csv|tensorboard|wandb|none`) instantiate beside
+Lightning's own loggers: a CSV logger that a resumed run appends to, and W&B that goes offline without
+credentials."""
 
 from __future__ import annotations
 
 import csv
 import netrc
 import os
-from collections.abc import Mapping
-from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -48,24 +46,17 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def build_logger(config: Mapping, run_dir: Path, run_name: str) -> Logger | None:
-    """The logger of `config = {"name": one of LOGGERS, ...its options}`, writing under `run_dir`."""
-    options = dict(config)
-    kind = options.pop("name")
-    if kind == "csv":
-        return ResumableCSVLogger(run_dir, name="logs", version="", **options)
-    if kind == "tensorboard":
-        return TensorBoardLogger(run_dir, name="tensorboard", version="", **options)
-    if kind == "wandb":
-        mode = options.pop("mode", None) or os.environ.get("WANDB_MODE")
-        if mode is None:
-            mode = "online" if wandb_has_credentials() else "offline"
-            if mode == "offline":
-                print(f"W&B: no credentials found, logging offline under {run_dir}/wandb; "
-                      f"upload later with `wandb sync {run_dir}/wandb/offline-run-*`")
-        # the run name doubles as the W&B run id, so that a resumed run continues the same W&B run
-        return WandbLogger(name=run_name, version=run_name, save_dir=str(run_dir), offline=mode == "offline",
-                           mode=mode, **options)
-    if kind == "none":
-        return None
-    raise ValueError(f"unknown logger {kind!r}; choose one of {LOGGERS}")
+def wandb_logger(save_dir: str | os.PathLike, name: str, project: str = "hier_lm", mode: str | None = None,
+                 **options) -> WandbLogger:
+    """Lightning's `WandbLogger` for a run writing under `save_dir`. `mode`: online | offline | disabled; by
+    default `WANDB_MODE`, else online with credentials and offline without (then it says so, with the command
+    that uploads the run later). `name` is also the W&B run id, so that a resumed run continues the same W&B run.
+    `options`: any other `WandbLogger` argument."""
+    mode = mode or os.environ.get("WANDB_MODE")
+    if mode is None:
+        mode = "online" if wandb_has_credentials() else "offline"
+        if mode == "offline":
+            print(f"W&B: no credentials found, logging offline under {save_dir}/wandb; "
+                  f"upload later with `wandb sync {save_dir}/wandb/offline-run-*`")
+    return WandbLogger(name=name, version=name, save_dir=str(save_dir), project=project, offline=mode == "offline",
+                       mode=mode, **options)

@@ -1,7 +1,15 @@
 """Training entry point: `python -m hier_lm.train recipe=<name> key=value ...` (Hydra 1.3).
 
 A run lives in `<runs_dir>/<recipe>/<timestamp>/`: `config.yaml`, `checkpoints/{last,step_<N>}.ckpt`,
-logs and samples. `<runs_dir>/<recipe>/last` points to the newest run. `resume=auto` continues it.
+logs and samples. `<runs_dir>/<recipe>/last` points to the newest run. `resume=auto` (or Lightning's spelling,
+`ckpt_path=auto`) continues it.
+
+The Trainer (`recipes/trainer/`), its callbacks (`recipes/callbacks/`) and loggers (`recipes/logger/`) are
+Hydra `_target_` entries, instantiated once the run folder is known: they write under `${run_dir}`.
+
+Sweeps: `python -m hier_lm.train -m recipe=quickstart optim.lr=1e-3,2e-3` runs one job after the other, each in
+its own run folder; `main` returns each job's `optimized_metric` (default `val/loss`), the objective of an
+optimising sweeper (e.g. `hydra/sweeper=optuna` where hydra-optuna-sweeper is installed). A job is one process.
 
 Several devices (`trainer=ddp` or `trainer=fsdp`, `trainer.devices=N`): Lightning starts this script again
 for ranks 1..N-1 with the same arguments; rank 0 resolves the run folder and the checkpoint to resume from
@@ -11,6 +19,7 @@ and hands both to them (`RUN_ENV`), so that every rank writes the same run. Unde
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -19,16 +28,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hier_lm.callbacks import FinalCheckpoint, RNGState, Throughput, sample_callback
 from hier_lm.checkpoint import AtomicCheckpointIO, existing_checkpoint, resolve_checkpoint
-from hier_lm.config import CONFIG_PATH, exit_on_user_error
+from hier_lm.config import CONFIG_PATH, exit_on_user_error, instantiate_entries
 from hier_lm.files import atomic_write_text
-from hier_lm.loggers import build_logger
 from hier_lm.tasks import build_task
 
 RUN_ENV = "HIER_LM_RUN"  # JSON {"run_dir", "ckpt"}: rank 0's run, for the ranks Lightning launches
@@ -40,11 +47,17 @@ def _launched_rank() -> int:
 
 
 def _new_run_dir(group: Path) -> Path:
+    """Create and return `<group>/<timestamp>`, or `<timestamp>-<n>` when that exists (the jobs of a sweep may
+    start within one second)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = group / stamp, 1
-    while run_dir.exists():
-        run_dir, n = group / f"{stamp}-{n}", n + 1
-    return run_dir
+    group.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        run_dir = group / (f"{stamp}-{n}" if n else stamp)
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
 
 
 def _point_last(group: Path, run_dir: Path) -> None:
@@ -55,8 +68,17 @@ def _point_last(group: Path, run_dir: Path) -> None:
     os.replace(tmp, group / "last")
 
 
+def _resume_setting(cfg: DictConfig) -> str | None:
+    """`resume=`, or `ckpt_path=` (Lightning's name for it); both given with different values is an error."""
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume is not None and ckpt_path is not None and str(resume) != str(ckpt_path):
+        raise ValueError(f"resume={resume} and ckpt_path={ckpt_path} differ: ckpt_path is Lightning's name for "
+                         f"resume, give only one of them")
+    return resume if resume is not None else ckpt_path
+
+
 def resolve_run(cfg: DictConfig, recipe: str) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None for a fresh run)."""
+    """The run folder (created when new) and the checkpoint to resume from (None for a fresh run)."""
     group = Path(cfg.runs_dir) / recipe
     if cfg.resume in (None, "auto"):
         latest = group / "last"
@@ -72,19 +94,24 @@ def resolve_run(cfg: DictConfig, recipe: str) -> tuple[Path, Path | None]:
     return run_dir, ckpt
 
 
-def train(cfg: DictConfig, recipe: str = "custom") -> Path:
-    """Train (or resume) the run described by the composed config; returns the run folder."""
+def fit(cfg: DictConfig, recipe: str = "custom") -> tuple[Path, dict[str, float]]:
+    """Train (or resume) the run described by the composed config. Returns the run folder and the trainer's
+    metrics at the end (`trainer.callback_metrics`: the latest `train/...` and `val/...` values)."""
+    resume = _resume_setting(cfg)
+    with open_dict(cfg):
+        cfg.resume = cfg.ckpt_path = resume
     rank, handed = _launched_rank(), os.environ.get(RUN_ENV)
     if rank > 0 and handed:  # started by rank 0's Lightning launcher: its run
         run = json.loads(handed)
         run_dir, ckpt_path = Path(run["run_dir"]), run["ckpt"] and Path(run["ckpt"])
-    elif rank > 0 and not cfg.run_dir and cfg.resume in (None, "auto"):
+    elif rank > 0 and not cfg.run_dir and resume in (None, "auto"):
         raise ValueError(f"this process has rank {rank} from an external launcher: pass run_dir=<folder> (the same "
                          f"on every process) so that all ranks write one run")
     else:
         run_dir, ckpt_path = resolve_run(cfg, recipe)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+        cfg.run_name = cfg.get("run_name") or f"{recipe}-{run_dir.name}"
     config = OmegaConf.to_container(cfg, resolve=True)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,35 +124,10 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     task = build_task(config, datamodule)  # images (metric bpd) or text, chosen by the data
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step_{step}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=cfg.checkpoint.every_n_steps,
-            save_top_k=-1,
-            save_last=True,
-            enable_version_counter=False,  # last.ckpt is always the newest state, never last-v1.ckpt
-        ),
-        FinalCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps),
-        Throughput(peak_flops=cfg.get("peak_flops")),
-        RNGState(),
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    samples = sample_callback(datamodule, run_dir, config["samples"], cfg.seed)  # image grids or text
-    if samples is not None:
-        callbacks.append(samples)
-    logger = build_logger(cfg.logger, run_dir, run_name=f"{recipe}-{run_dir.name}")
-    trainer_kwargs = dict(config["trainer"])
-    if isinstance(trainer_kwargs.get("strategy"), dict):  # {_target_: ..., options} (trainer=fsdp)
-        trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"])
-    trainer = L.Trainer(
-        **trainer_kwargs,
-        default_root_dir=run_dir,
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
+    callbacks = instantiate_entries(cfg.callbacks, "callbacks")
+    loggers = instantiate_entries(cfg.logger, "logger")
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
     if rank == 0:  # Lightning launches ranks 1..N-1 inside fit, with a copy of this environment
         os.environ[RUN_ENV] = json.dumps({"run_dir": str(run_dir), "ckpt": ckpt_path and str(ckpt_path)})
     try:
@@ -133,17 +135,41 @@ def train(cfg: DictConfig, recipe: str = "custom") -> Path:
     finally:
         if rank == 0:
             os.environ.pop(RUN_ENV, None)
-    if isinstance(logger, WandbLogger):
-        logger.experiment.finish()  # flush the run's files (offline runs included)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # flush the run's files (offline runs included)
     if rank == 0:
         print(f"done: {trainer.global_step} steps; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}")
-    return run_dir
+    return run_dir, {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+def train(cfg: DictConfig, recipe: str = "custom") -> Path:
+    """Train (or resume) the run described by the composed config; returns the run folder."""
+    return fit(cfg, recipe)[0]
+
+
+def _one_process(trainer: DictConfig, choice: str | None) -> bool:
+    """Whether the trainer config (the option `choice` of the `trainer` group) trains in this process alone."""
+    devices = trainer.get("devices", 1)
+    one_device = devices in (1, "1") or (OmegaConf.is_list(devices) and len(devices) == 1)
+    return one_device and trainer.get("num_nodes", 1) == 1 and choice not in ("ddp", "fsdp")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    train(cfg, recipe=HydraConfig.get().runtime.choices.get("recipe") or "custom")
+def main(cfg: DictConfig) -> float | None:
+    """Train; returns the last value of `optimized_metric` (None where it was never logged): what a Hydra sweeper
+    optimises."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not _one_process(cfg.trainer, hydra_cfg.runtime.choices.get("trainer")):
+        raise ValueError("a sweep (-m) runs its jobs in one process, but trainer=ddp|fsdp or trainer.devices > 1 start "
+                         "the other ranks from the command line, which would rerun the sweep: sweep with one device, "
+                         "or run one command per setting")
+    _, metrics = fit(cfg, recipe=hydra_cfg.runtime.choices.get("recipe") or "custom")
+    value = metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    if _launched_rank() == 0 and cfg.optimized_metric:
+        print(f"optimized_metric {cfg.optimized_metric}: {value}")
+    return value
 
 
 if __name__ == "__main__":

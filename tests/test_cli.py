@@ -1,13 +1,25 @@
-"""The command lines as a user runs them: train -> sample -> evaluate, errors, and a non-editable install."""
+"""The command lines as a user runs them: train -> sample -> evaluate, sweeps, errors, and a non-editable install;
+evaluation through Trainer.test against the plain loss."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+import hier_lm
+from hier_lm.checkpoint import read_checkpoint
+from hier_lm.config import CONFIG_MODULE, compose_train_config
 from hier_lm.data import ByteCorpus, resolve_paths
+from hier_lm.evaluate import evaluate
+from hier_lm.tasks import scored_next_token_loss
+from hier_lm.train import train
 from tests.helpers import subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +31,12 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, **env) -> subpr
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def entry_config(name: str, *overrides: str):
+    """The config `python -m hier_lm.<name> <overrides>` composes (`sample` or `evaluate`)."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
 
 
 def test_train_sample_evaluate(corpus_dir, tmp_path):
@@ -45,6 +63,52 @@ def test_train_sample_evaluate(corpus_dir, tmp_path):
     with_context = json.loads((tmp_path / "ctx.json").read_text())
     valid = ByteCorpus.build(resolve_paths([f"{corpus_dir}/*.py"])).split("valid")
     assert with_context["tokens"] == len(valid) - 1  # every byte after the first scored exactly once
+
+
+def test_evaluate_runs_trainer_test_and_equals_the_plain_loss(corpus_dir, tmp_path):
+    """`evaluate` (Lightning's Trainer.test on the split's loader) gives the loss of the plain loop over the same
+    loader, `scored_next_token_loss` batch by batch, and counts exactly its tokens; bf16-mixed on CPU is close."""
+    run_dir = train(compose_train_config(["recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path)]), "quickstart")
+    data = instantiate(read_checkpoint(run_dir)[1]["hier_lm"]["config"]["data"])
+    data.prepare_data()
+    data.setup("validate")
+    model, total, tokens = hier_lm.load(run_dir), 0.0, 0
+    with torch.inference_mode():
+        for batch in data.val_dataloader():
+            loss, count = scored_next_token_loss(model, batch)
+            total, tokens = total + loss.item() * count, tokens + count
+    assert tokens == data.num_eval_tokens("valid")
+
+    results = evaluate(entry_config("evaluate", f"ckpt={run_dir}", "split=valid", f"out={tmp_path / 'valid.json'}"))
+    assert results["loss"] == pytest.approx(total / tokens, rel=1e-6) and results["tokens"] == tokens
+    assert results["bpc"] == pytest.approx(results["loss"] / math.log(2), rel=1e-6)
+    assert json.loads((tmp_path / "valid.json").read_text()) == {k: v for k, v in results.items() if k != "out"}
+    bf16 = evaluate(entry_config("evaluate", f"ckpt={run_dir}", "split=valid", "precision=bf16-mixed", "device=cpu",
+                                 f"out={tmp_path / 'bf16.json'}"))
+    assert bf16["loss"] == pytest.approx(total / tokens, rel=0.02) and bf16["tokens"] == tokens
+
+
+def test_a_sweep_runs_each_job_in_its_own_run_folder(corpus_dir, tmp_path):
+    runs = tmp_path / "runs"
+    swept = cli("hier_lm.train", "-m", "recipe=quickstart", "optim.lr=1e-3,2e-3", *tiny_overrides(corpus_dir, runs),
+                cwd=tmp_path)
+    folders = sorted(p for p in (runs / "quickstart").iterdir() if p.name != "last")
+    assert len(folders) == 2 and (runs / "quickstart" / "last").resolve() == folders[1]
+    assert [OmegaConf.load(folder / "config.yaml").optim.lr for folder in folders] == [1e-3, 2e-3]
+    assert all(torch.load(f / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 for f in folders)
+    objectives = [line for line in swept.stdout.splitlines() if line.startswith("optimized_metric val/loss: ")]
+    assert len(objectives) == 2 and all(0 < float(line.split(": ")[1]) < 10 for line in objectives)
+    assert [p.name for p in (runs / "multirun").iterdir()]  # the sweep's own folder, under runs_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written to the working directory
+
+
+@pytest.mark.parametrize("several", [["trainer=ddp"], ["trainer.devices=2"]], ids=["ddp", "devices"])
+def test_a_sweep_on_several_processes_is_a_clear_error(several, corpus_dir, tmp_path):
+    result = cli("hier_lm.train", "-m", "recipe=quickstart", "optim.lr=1e-3,2e-3",
+                 *tiny_overrides(corpus_dir, tmp_path / "runs"), *several, check=False, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: a sweep (-m) runs its jobs in one process")
+    assert not (tmp_path / "runs" / "quickstart").exists()
 
 
 def test_unknown_recipe_lists_the_available_ones(tmp_path):

@@ -1,9 +1,11 @@
 """Scale-out training: 2-process DDP and FSDP2 through the real CLI (gloo on CPU) with an interruption and a
 resume, against one process with the doubled batch; sharded checkpoints (atomic publishing, consolidation,
 `hier_lm.load`); evaluation that scores every window once on any number of ranks; gradient accumulation;
-activation checkpointing; torch.compile and its fallback; bf16-mixed; throughput and MFU."""
+activation checkpointing; torch.compile and its fallback; bf16-mixed; throughput and MFU; `hier_lm.evaluate` on
+two processes."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -21,12 +23,14 @@ from hier_lm.checkpoint import (consolidate, existing_checkpoint, is_sharded, pu
                                 resolve_checkpoint)
 from hier_lm.config import compose_train_config
 from hier_lm.data import TextFilesDataModule
-from hier_lm.data.textfiles import EvalShard
+from hier_lm.data.base import EvalShard
+from hier_lm.evaluate import evaluate
 from hier_lm.models import build_model
 from hier_lm.tasks import scored_next_token_loss
 from hier_lm.tasks.language_model import shard_model
 from hier_lm.train import RUN_ENV, train
 from tests.helpers import subprocess_env, tiny_overrides
+from tests.test_cli import cli, entry_config
 
 RECIPE = "quickstart_transformer"
 STEPS, HALF = 6, 3  # interrupted after HALF steps (its step_3 checkpoint is what is left), resumed to STEPS
@@ -129,6 +133,18 @@ def test_two_processes_interrupted_and_resumed_equal_one_process(runs, strategy)
         assert "batch: 2 device(s) x 2 sequences x 1 accumulated = global batch of 4 x 16 = 64 tokens" in log
         assert log.count("run folder:") == 1  # rank 0 only
     assert f"(resuming from {resumed / 'checkpoints' / 'last.ckpt'})" in runs["logs"][f"{strategy}_resumed"]
+
+
+def test_evaluate_on_two_processes_scores_every_window_once(runs, tmp_path):
+    """`python -m hier_lm.evaluate devices=2` (Trainer.test in two processes, gloo): each rank scores its shard of
+    the split, and the exact token count and the loss are those of one process."""
+    one = evaluate(entry_config("evaluate", f"ckpt={runs['reference']}", "split=valid", f"out={tmp_path / 'one.json'}"))
+    two = cli("hier_lm.evaluate", f"ckpt={runs['reference']}", "split=valid", "devices=2", "accelerator=cpu",
+              f"out={tmp_path / 'two.json'}", OMP_NUM_THREADS="1")
+    results = json.loads((tmp_path / "two.json").read_text())
+    assert results["tokens"] == one["tokens"] and results["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert results["bpc"] == pytest.approx(one["bpc"], rel=1e-5)
+    assert two.stdout.count("valid: loss") == 1  # rank 0 reports
 
 
 # Resuming the consolidated copy in another folder: Lightning notes that the ModelCheckpoint folder changed.

@@ -1,6 +1,7 @@
 """Image modelling: the START shift and bpd of the image task, cached image sampling, the sample-grid callback,
 `python -m hier_lm.sample` / `hier_lm.evaluate` on an image run, and a tiny overfit."""
 
+import io
 import math
 
 import numpy as np
@@ -8,13 +9,13 @@ import pytest
 import lightning as L
 import torch
 import wandb
-from hydra import compose, initialize_config_module
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import hier_lm
-from hier_lm.config import CONFIG_MODULE, compose_train_config
+from hier_lm.config import compose_train_config
 from hier_lm.data import SyntheticImagesDataModule, encode_images
-from hier_lm.data.images import SyntheticImages
+from hier_lm.data.synthetic_images import SyntheticImages
 from hier_lm.evaluate import evaluate
 from hier_lm.image_sampling import load_images, sample_images, top_half_tokens
 from hier_lm.models import Hourglass
@@ -22,7 +23,7 @@ from hier_lm.sample import sample_image_files, sample_text
 from hier_lm.tasks import ImageModelTask, build_task, image_model_config, next_token_loss, with_start_token
 from hier_lm.train import train
 from tests.helpers import tiny_overrides
-from tests.test_cli import cli
+from tests.test_cli import cli, entry_config
 
 SIZE = 8  # the synthetic images' default: 192 sub-pixel tokens
 TINY = dict(name="hourglass", d_model=32, n_heads=2, d_ff=64, dropout=0.0, hierarchy="1@1 1@3 1@1",
@@ -51,17 +52,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def entry_config(name: str, *overrides: str):
-    """The config `python -m hier_lm.<name> <overrides>` composes (`sample` or `evaluate`)."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
-    """A 2-step tiny run of the quickstart_images recipe on 8x8 images (its samples callback included)."""
+    """A 2-step tiny run of the quickstart_images recipe on 8x8 images (its samples callback included), logged
+    to CSV and TensorBoard."""
     runs = tmp_path_factory.mktemp("runs")
-    overrides = [*tiny_overrides(runs, runs, recipe="quickstart_images"), f"data.size={SIZE}"]
+    overrides = [*tiny_overrides(runs, runs, recipe="quickstart_images"), f"data.size={SIZE}",
+                 "logger=[csv,tensorboard]"]
     return train(compose_train_config(["recipe=quickstart_images", *overrides]), recipe="quickstart_images")
 
 
@@ -141,6 +138,17 @@ def test_callback_writes_the_sample_grid(image_run):
     assert [p.name for p in (image_run / "samples").iterdir()] == ["step_2.png"]  # no temporary file left
     model = hier_lm.load(image_run)
     assert model.image_size == SIZE and model.max_len == 3 * SIZE * SIZE
+
+
+def test_samples_are_logged_as_tensorboard_images(image_run):
+    events = EventAccumulator(str(image_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (event,) = events.Images("samples")
+    assert event.step == 2
+    logged = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"), dtype=np.int16)
+    saved = np.asarray(Image.open(image_run / "samples" / "step_2.png").convert("RGB"), dtype=np.int16)
+    assert logged.shape == saved.shape == (SIZE + 4, 2 * (SIZE + 2) + 2, 3)
+    assert np.abs(logged - saved).max() <= 1  # the same grid (TensorBoard truncates to uint8, the PNG rounds)
 
 
 def test_samples_are_logged_as_wandb_images(tmp_path, monkeypatch):

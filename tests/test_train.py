@@ -1,16 +1,25 @@
-"""Training through the Hydra config: every recipe, exact resume, atomic checkpoints, loggers."""
+"""Training through the Hydra config: every recipe, exact resume (`resume=` or `ckpt_path=`), atomic checkpoints,
+loggers, callbacks added and removed by overrides, and `main`'s return value."""
 
+import copy
 import csv
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import wandb
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 import hier_lm
 from hier_lm.files import atomic_torch_save
-from hier_lm.config import compose_train_config, recipe_names
-from hier_lm.train import train
+from hier_lm.config import CONFIG_MODULE, compose_train_config, recipe_names
+from hier_lm.train import main, train
 from tests.helpers import tiny_overrides
 
 
@@ -18,9 +27,19 @@ def run(recipe: str, overrides: list[str]) -> Path:
     return train(compose_train_config([f"recipe={recipe}", *overrides]), recipe=recipe)
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
+def logged(run_dir: Path, name: str) -> dict[int, float]:
+    """`{step: value}` of a metric in the run's metrics.csv."""
     with open(run_dir / "logs" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return logged(run_dir, "train/loss")
+
+
+def metric_names(run_dir: Path) -> list[str]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return csv.DictReader(f).fieldnames
 
 
 @pytest.mark.parametrize("recipe", recipe_names())
@@ -33,6 +52,7 @@ def test_every_recipe_runs_two_steps(recipe, corpus_dir, tmp_path):
     assert checkpoint["hier_lm"]["config"]["trainer"]["max_steps"] == 2
     assert (tmp_path / recipe / "last").resolve() == run_dir.resolve()
     assert set(train_losses(run_dir)) >= {0, 1}
+    assert {"lr-AdamW/pg1", "train/tokens_per_sec", "val/loss"} <= set(metric_names(run_dir))  # the callbacks' too
     model = hier_lm.load(run_dir)
     assert not model.training and next(model.parameters()).device.type == "cpu"
 
@@ -131,6 +151,76 @@ def test_bf16_mixed_precision_trains(corpus_dir, tmp_path):
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses.values())
 
 
-def test_tensorboard_logger_writes_events(corpus_dir, tmp_path):
-    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "logger=tensorboard"])
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+def test_tensorboard_gets_the_metrics_and_text_samples(corpus_dir, tmp_path):
+    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=4), "logger=[csv,tensorboard]"])
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert {"train/loss", "val/loss", "train/tokens_per_sec"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/bpc")] == list(logged(run_dir, "val/bpc"))  # beside the CSV
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/text_summary")}
+    written = (run_dir / "samples.txt").read_text().split("===== step ")[1:]
+    assert len(written) == len(texts) == 2
+    for block in written:  # "<step> =====\n<sample>\n": the same sample, as a Markdown code block
+        step, sample = block.split(" =====\n", 1)
+        assert texts[int(step)] == textwrap.indent(sample[:-1], "    ", lambda line: True)
+        assert sample.startswith("def ")
+
+
+def test_early_stopping_is_added_by_an_override(corpus_dir, tmp_path):
+    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=6),
+                                 "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+                                 "+callbacks.early_stopping.monitor=val/loss",
+                                 "+callbacks.early_stopping.stopping_threshold=100"])  # met at the first validation
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 and any(name.startswith("EarlyStopping") for name in checkpoint["callbacks"])
+    assert sorted(train_losses(run_dir)) == [0, 1]  # stopped after the validation at step 2 of 6
+
+
+def test_callbacks_are_removed_by_an_override(corpus_dir, tmp_path):
+    run_dir = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path), "~callbacks.samples", "~callbacks.lr_monitor"])
+    assert not (run_dir / "samples.txt").exists()
+    names = metric_names(run_dir)
+    assert "train/loss" in names and "val/loss" in names and not any(name.startswith("lr-") for name in names)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_ckpt_path_is_lightnings_name_for_resume(corpus_dir, tmp_path):
+    first = run("quickstart", tiny_overrides(corpus_dir, tmp_path, steps=3))
+    again = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=5), f"ckpt_path={first}"])
+    assert again.resolve() == first.resolve()
+    assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(train_losses(again)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=re.escape(f"resume=auto and ckpt_path={first} differ")):
+        run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=5), "resume=auto", f"ckpt_path={first}"])
+    same = run("quickstart", [*tiny_overrides(corpus_dir, tmp_path, steps=5), "resume=auto", "ckpt_path=auto"])
+    assert same.resolve() == first.resolve()  # both given, with the same value: fine
+
+
+@pytest.fixture
+def hydra_run():
+    """Compose the config as `python -m hier_lm.train <overrides>` does and set Hydra's runtime config (what
+    `@hydra.main` does before calling `main`); returns the config `main` gets."""
+
+    def compose_run(overrides: list[str]):
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        task_cfg = copy.deepcopy(cfg)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        return task_cfg
+
+    yield compose_run
+    HydraConfig.instance().cfg = None
+
+
+def test_main_returns_the_optimized_metric(corpus_dir, tmp_path, hydra_run, capsys):
+    value = main(hydra_run(["recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path, steps=4)]))
+    run_dir = (tmp_path / "quickstart" / "last").resolve()
+    assert value == pytest.approx(logged(run_dir, "val/loss")[3], rel=1e-6)  # the last validation's
+    assert f"optimized_metric val/loss: {value}" in capsys.readouterr().out
+    no_validation = main(hydra_run(["recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path, steps=1),
+                                    "trainer.limit_val_batches=0"]))
+    assert no_validation is None
+    bpc = main(hydra_run(["recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path), "optimized_metric=val/bpc"]))
+    assert bpc == pytest.approx(logged((tmp_path / "quickstart" / "last").resolve(), "val/bpc")[1], rel=1e-6)
