@@ -4,16 +4,16 @@
     python -m benchmarks run attention_scaling peers           # their main() with defaults -> benchmarks/results/
     python -m benchmarks run all --quick                       # tiny sizes, a smoke run (into a temp folder)
     python -m benchmarks run model_throughput --threads 1 --out /tmp/results
-    python -m benchmarks readme                                # README.md's Results section from the results
+    python -m benchmarks results                               # docs/results.md from benchmarks/results/
 
 A benchmark is a module `benchmarks/<name>.py` with `main(argv)` that accepts `--out DIR` and writes
 `<DIR>/<name>.{json,md,png}`; `QUICK` (a list of arguments) makes `--quick` possible. Nothing is installed
 here: the public peers come from `pip install -r benchmarks/requirements.txt`. CPU by default, CUDA when
 present (each benchmark's `--device`).
 
-`readme` rewrites what lies between `<!-- results:start -->` and `<!-- results:end -->` in the README:
-the machines and dates, the headline ratios of every benchmark first (its module's `headlines(results)`),
-then each benchmark's tables and a link to its plot.
+`results` writes the whole results page (default docs/results.md), generated, never edited by hand: the
+machines and dates, the headline ratios of every benchmark first (its module's `headlines(results)`), then
+each benchmark's tables and its plot, linked relative to the page. `readme` is a deprecated alias of `results`.
 """
 
 from __future__ import annotations
@@ -30,20 +30,21 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, load_average, write_atomic
+from benchmarks.common import RESULTS, load_average
+from hier_lm.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"__init__", "__main__", "common"}
 ORDER = ("attention_scaling", "peers", "model_throughput", "generation_speed", "data_throughput", "hourglass_speed",
-         "same_compute")  # the README's order; others follow alphabetically
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+         "same_compute")  # the results page's order; others follow alphabetically
+RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 # --quick arguments of benchmarks that do not define QUICK themselves.
 QUICK_FALLBACK = {"hourglass_speed": ["--parts", "baseline", "generation", "--lengths", "64", "--d-model", "32",
                                       "--gen-tokens", "12"]}
 
 
 def discover() -> dict[str, str]:
-    """{name: first line of its docstring} of every benchmark module, in README order (read without importing)."""
+    """{name: first line of its docstring} of every benchmark module, in page order (read without importing)."""
     found = {}
     for path in sorted(HERE.glob("*.py")):
         if path.stem in NOT_BENCHMARKS:
@@ -108,7 +109,7 @@ def headlines(name: str, results: dict) -> list[str]:
     try:
         return fn(results) if fn else _fallback_headlines(name, results)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # an older results file
-        print(f"readme: no headlines for {name} ({type(err).__name__}: {err})", file=sys.stderr)
+        print(f"results: no headlines for {name} ({type(err).__name__}: {err})", file=sys.stderr)
         return []
 
 
@@ -119,17 +120,17 @@ def _machine_line(m: dict) -> str:
 
 
 def _tables(md: str) -> str:
-    """A results .md without its `# name` title and machine line, headings demoted under the README's."""
+    """A results .md without its `# name` title and machine line, every heading one level deeper (under the
+    page's `## name`)."""
     lines = md.strip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    lines = [line for line in lines if not line.startswith("Machine: ")]
-    lines = ["###" + line[1:] if line.startswith("## ") else line for line in lines]
+    lines = ["#" + line if line.startswith("#") else line for line in lines if not line.startswith("Machine: ")]
     return "\n".join(lines).strip()
 
 
-def results_section(results_dir: Path, readme_dir: Path) -> str:
-    """The Markdown of the README's Results section from `results_dir/*.json|md|png`."""
+def results_page(results_dir: Path, page_dir: Path) -> str:
+    """The Markdown of the results page from `results_dir/*.json|md|png`; plots linked relative to `page_dir`."""
     names = [n for n in discover() if (results_dir / f"{n}.json").exists()]
     names += sorted(p.stem for p in results_dir.glob("*.json") if p.stem not in names)
     if not names:
@@ -137,18 +138,20 @@ def results_section(results_dir: Path, readme_dir: Path) -> str:
     payloads = {n: json.loads((results_dir / f"{n}.json").read_text()) for n in names}
     machines = sorted({_machine_line(p.get("machine", {})).rsplit(", ", 1)[0] for p in payloads.values()})
     dates = sorted({p.get("machine", {}).get("date", "?") for p in payloads.values()})
-    rel = Path(os.path.relpath(results_dir, readme_dir)).as_posix()
-    out = ["## Results", "",
-           "Generated by `python -m benchmarks readme` from `benchmarks/results/` (rerun a benchmark with "
-           "`python -m benchmarks run <name>`). Every ratio comes from one run, its pair measured back to back.", "",
+    rel = Path(os.path.relpath(results_dir, page_dir)).as_posix()
+    out = ["# Results", "",
+           "Generated by `python -m benchmarks results` from `benchmarks/results/`: do not edit this page by hand; "
+           "rerun a benchmark with `python -m benchmarks run <name>`, then regenerate it "
+           "([benchmarks.md](benchmarks.md) says what each benchmark measures). Every ratio comes from one run, "
+           "its pair measured back to back.", "",
            "Machine" + ("s" if len(machines) > 1 else "") + ": " + "; ".join(machines) + ". Date"
-           + ("s" if len(dates) > 1 else "") + ": " + ", ".join(dates) + ".", "", "### Ratios", ""]
+           + ("s" if len(dates) > 1 else "") + ": " + ", ".join(dates) + ".", "", "## Ratios", ""]
     for name in names:
         for line in headlines(name, payloads[name]):
             out.append(f"- {line} (`{name}`)")
     for name in names:
         payload = payloads[name]
-        out += ["", f"### {name}", "", f"_{_machine_line(payload.get('machine', {}))}"
+        out += ["", f"## {name}", "", f"_{_machine_line(payload.get('machine', {}))}"
                 + (f"; 1-minute load average before: {payload['load_1min_before']}" if "load_1min_before" in payload
                    else "") + "._", ""]
         md = results_dir / f"{name}.md"
@@ -159,17 +162,11 @@ def results_section(results_dir: Path, readme_dir: Path) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def update_readme(readme: Path, results_dir: Path) -> str:
-    """Replace the text between the results markers of `readme` with `results_section`; returns the section."""
-    text = readme.read_text()
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise SystemExit(f"{readme} needs exactly one {START} followed by one {END} line; add them where the "
-                         "Results section goes")
-    section = results_section(results_dir, readme.resolve().parent)
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    write_atomic(readme, f"{head}{START}\n{section}{END}{tail}")
-    return section
+def write_results_page(page: Path, results_dir: Path) -> str:
+    """Write the whole results page `page` from `results_dir` (atomically); returns its text."""
+    text = results_page(results_dir, page.resolve().parent)
+    atomic_write_text(page, text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,9 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     p_run.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (default out: a temp folder)")
     p_run.add_argument("--out", help=f"results folder (default {RESULTS}, or a temp folder with --quick)")
     p_run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p_readme = sub.add_parser("readme", help="regenerate README.md's Results section from the results")
-    p_readme.add_argument("--readme", default=str(HERE.parent / "README.md"))
-    p_readme.add_argument("--results", default=str(RESULTS))
+    for command, help_text in (("results", "regenerate the results page (docs/results.md) from the results"),
+                               ("readme", "deprecated alias of `results`")):
+        p_results = sub.add_parser(command, help=help_text)
+        p_results.add_argument("--out", default=str(RESULTS_PAGE), help=f"the page to write (default {RESULTS_PAGE})")
+        p_results.add_argument("--results", default=str(RESULTS), help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, doc in discover().items():
@@ -192,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         run(args.names, args.quick, args.out, args.threads)
     else:
-        update_readme(Path(args.readme), Path(args.results))
-        print(f"updated the Results section of {args.readme}")
+        if args.command == "readme":
+            print("`python -m benchmarks readme` is deprecated: use `python -m benchmarks results` (the results now "
+                  "live in docs/results.md, not in README.md)", file=sys.stderr)
+        write_results_page(Path(args.out), Path(args.results))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

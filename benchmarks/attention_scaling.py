@@ -213,7 +213,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def headlines(results: dict) -> list[str]:
-    """One-line ratios for the README summary."""
+    """One-line ratios for the summary of the results page (docs/results.md)."""
     lines = []
     for row in results["rows"]:
         if row["length"] == 16384 and "sdpa_over_h_attention_time" in row:

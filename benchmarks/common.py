@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hier_lm.files import atomic_write, atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -133,20 +135,13 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), **payload}
     path = out_dir / f"{name}.json"
-    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
     header = (f"# {name}\n\nMachine: {m.get('gpu', m['cpu'])}, {m['cpu_cores']} cores, torch threads: "
               f"{m['torch_threads']}, torch {m['torch']}, "
               f"{m['date']}.\n\n")
-    write_atomic(out_dir / f"{name}.md", header + markdown.rstrip() + "\n")
+    atomic_write_text(out_dir / f"{name}.md", header + markdown.rstrip() + "\n")
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path`: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pyplot():
@@ -160,14 +155,12 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as a PNG through a temp file + rename, and close it."""
+    """Save a matplotlib figure as a PNG (atomically: never a half-written file), and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def publish(name: str, results: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None],
