@@ -12,7 +12,7 @@ from importlib import resources
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hier_lm.models import MODELS
 from hier_lm.models.config import hydra_schema
@@ -76,16 +76,18 @@ def exit_on_user_error(fn: Callable) -> Callable:
     return wrapper
 
 
-def register_model_schemas() -> None:
-    """Store each model family's options in Hydra's ConfigStore as the schema `model/<family>_schema`, which
-    `recipes/model/<family>.yaml` extends: the family's config dataclass with its defaults (`hydra_schema`),
-    `name` first, without `vocab_size` (always set from the data) and with a `max_len` that may be null (image
-    models: set from the data). A value of the wrong type or an unknown key is then a Hydra error at composition;
-    a bad `Literal` value (typed `str` here) is the model's ValueError when it is built."""
+def register_model_configs() -> None:
+    """Make every family of `MODELS` the option `model=<family>` of Hydra's config group `model`: its config
+    dataclass with its defaults (`hydra_schema`: `name` first, without `vocab_size`, which is always set from the
+    data), `max_len` following `data.seq_len` (null for image models: set from the data). A value of the wrong
+    type or an unknown key is a Hydra error at composition; a bad `Literal` value (typed `str` here) is the model's
+    ValueError when it is built. A new family needs no config file: its model file and its line in `MODELS`."""
     store = ConfigStore.instance()
     for name, model_class in MODELS.items():
-        schema = hydra_schema(model_class.config_class, name, omit=("vocab_size",), nullable=("max_len",))
-        store.store(group="model", name=f"{name}_schema", node=schema)
+        node = OmegaConf.structured(hydra_schema(model_class.config_class, name, omit=("vocab_size",),
+                                                 nullable=("max_len",)))
+        node.max_len = "${data.seq_len}"
+        store.store(group="model", name=name, node=node)
 
 
-register_model_schemas()
+register_model_configs()

@@ -2,8 +2,8 @@
 
 Each family is one model file holding its model class and its config dataclass (a `ModelConfig`, with the
 options' defaults and checks); the class names the config (`config_class`) and its residual block types
-(`block_types`). A new family is its model file and one line of `MODELS` (and, for Hydra's `model=<family>`, a
-`recipes/model/<family>.yaml` that extends the schema `<family>_schema`).
+(`block_types`). A new family is its model file and one line of `MODELS`; `hier_lm.config` makes every family of
+`MODELS` the Hydra option `model=<family>`, with the config's defaults.
 """
 
 from __future__ import annotations
