@@ -24,7 +24,15 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the kernels then run in the interpreter: set before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import RESULTS, device_name, markdown_table, peak_memory, timed, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    device_name,
+    markdown_table,
+    peak_memory,
+    save_figure,
+    timed,
+    write_results,
+)
 from hier_lm.ops import h_attention  # noqa: E402
 
 METHODS = ("triton", "torch", "sdpa")
@@ -114,11 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -79,14 +79,15 @@ def exit_on_user_error(fn: Callable) -> Callable:
 def register_model_configs() -> None:
     """Make every family of `MODELS` the option `model=<family>` of Hydra's config group `model`: its config
     dataclass with its defaults (`hydra_schema`: `name` first, without `vocab_size`, which is always set from the
-    data), `max_len` following `data.seq_len` (null for image models: set from the data). A value of the wrong
-    type or an unknown key is a Hydra error at composition; a bad `Literal` value (typed `str` here) is the model's
-    ValueError when it is built. A new family needs no config file: its model file and its line in `MODELS`."""
+    data), `max_len` following `data.seq_len` (null for image data, which has none: the image task sets it). A
+    value of the wrong type or an unknown key is a Hydra error at composition; a bad `Literal` value (typed `str`
+    here) is the model's ValueError when it is built. A new family needs no config file: its model file and its
+    line in `MODELS`."""
     store = ConfigStore.instance()
     for name, model_class in MODELS.items():
         node = OmegaConf.structured(hydra_schema(model_class.config_class, name, omit=("vocab_size",),
                                                  nullable=("max_len",)))
-        node.max_len = "${data.seq_len}"
+        node.max_len = "${oc.select:data.seq_len,null}"  # image data has no seq_len: set from the data
         store.store(group="model", name=name, node=node)
 
 

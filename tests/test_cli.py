@@ -3,6 +3,7 @@ evaluation through Trainer.test against the plain loss."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,13 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
 
 
 def test_non_editable_install_finds_its_recipes(tmp_path):
-    target = tmp_path / "site"
+    # Built from a copy of the sources: setuptools' build/ folder in the checkout may hold files of an older layout.
+    source, target = tmp_path / "source", tmp_path / "site"
+    scratch = {".git", ".venv", "build", "data", "runs", "outputs", "wandb", "lightning_logs"}
+    shutil.copytree(REPO, source, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == REPO and n in scratch) or n == "__pycache__" or n.endswith(".egg-info")])
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=600)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=600)
     assert (target / "hier_lm" / "recipes" / "recipe" / "quickstart.yaml").is_file()
     where = cli("hier_lm.train", "recipe=quickstart", "--cfg", "job", cwd=tmp_path, PYTHONPATH=str(target))
     assert "d_model: 128" in where.stdout and "max_steps: 700" in where.stdout  # read from the wheel

@@ -114,6 +114,7 @@ def test_the_model_config_group_takes_its_defaults_from_the_dataclass(name):
     assert OmegaConf.to_container(cfg.model, resolve=True) == {"name": name, **defaults, "max_len": cfg.data.seq_len}
     assert not resources.files(CONFIG_MODULE).joinpath("model").is_dir()  # no config file repeats a default
     assert compose_train_config([f"model={name}", "model.max_len=null"]).model.max_len is None  # images: from data
+    assert compose_train_config([f"model={name}", "data=synthetic_images"]).model.max_len is None  # no seq_len there
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
