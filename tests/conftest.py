@@ -16,6 +16,16 @@ if os.environ.get("HIER_LM_TEST_DEVICE", "cpu") == "cpu":
 CORPUS_MODULES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "bisect.py", "heapq.py", "calendar.py")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where the kernel tests run on a GPU (HIER_LM_TEST_DEVICE=cuda)."""
+    if os.environ.get("HIER_LM_TEST_DEVICE", "cpu") == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run with HIER_LM_TEST_DEVICE=cuda")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_cache(tmp_path_factory, monkeypatch):
     """No test writes to the repository's data/ folder or to the user's W&B settings."""

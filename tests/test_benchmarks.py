@@ -12,6 +12,7 @@ from benchmarks import __main__ as suite
 from tests.helpers import TINY_MODEL
 
 
+@pytest.mark.slow
 def test_same_compute_trains_both_models_for_the_budget(corpus_dir, tmp_path):
     data = [f"data.paths=[{corpus_dir}/*.py]", "data.seq_len=32", "data.batch_size=4", "data.num_workers=0"]
     runs = same_compute.main([
@@ -30,6 +31,7 @@ def test_same_compute_trains_both_models_for_the_budget(corpus_dir, tmp_path):
     assert (tmp_path / "same_compute.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_hourglass_speed_baseline_and_generation(tmp_path):
     results = hourglass_speed.main(["--parts", "baseline", "generation", "--lengths", "64", "--d-model", "32",
                                     "--gen-tokens", "12", "--out", str(tmp_path)])

@@ -70,6 +70,7 @@ MIXED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MIXED))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_mixed_chunk_kernel_matches_reference(causal, case):
@@ -99,12 +100,11 @@ def test_mixed_chunk_kernel_tf32_tiles():
         torch.set_float32_matmul_precision(previous)
 
 
-def _half_dtypes():
-    """fp16 runs in the interpreter; bf16 only on a GPU (the interpreter does not support bf16 tl.dot)."""
-    return [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# fp16 runs in the interpreter; bf16 only on a GPU (the interpreter does not support bf16 tl.dot)
+HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_mixed_chunk_kernel_half_precision(dtype, causal):
     """Half inputs feed tl.dot directly (fp32 accumulation) with the tensor-core tiles (64 rows; exact fp32

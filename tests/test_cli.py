@@ -40,6 +40,7 @@ def entry_config(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_train_sample_evaluate(corpus_dir, tmp_path):
     trained = cli("hier_lm.train", "recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path / "runs", steps=4))
     assert "max_steps: 4" in trained.stdout  # the composed config is printed at start
@@ -89,6 +90,7 @@ def test_evaluate_runs_trainer_test_and_equals_the_plain_loss(corpus_dir, tmp_pa
     assert bf16["loss"] == pytest.approx(total / tokens, rel=0.02) and bf16["tokens"] == tokens
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_each_job_in_its_own_run_folder(corpus_dir, tmp_path):
     runs = tmp_path / "runs"
     swept = cli("hier_lm.train", "-m", "recipe=quickstart", "optim.lr=1e-3,2e-3", *tiny_overrides(corpus_dir, runs),
@@ -103,6 +105,7 @@ def test_a_sweep_runs_each_job_in_its_own_run_folder(corpus_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written to the working directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("several", [["trainer=ddp"], ["trainer.devices=2"]], ids=["ddp", "devices"])
 def test_a_sweep_on_several_processes_is_a_clear_error(several, corpus_dir, tmp_path):
     result = cli("hier_lm.train", "-m", "recipe=quickstart", "optim.lr=1e-3,2e-3",
@@ -112,18 +115,21 @@ def test_a_sweep_on_several_processes_is_a_clear_error(several, corpus_dir, tmp_
     assert not (tmp_path / "runs" / "quickstart").exists()
 
 
+@pytest.mark.slow
 def test_unknown_recipe_lists_the_available_ones(tmp_path):
     result = cli("hier_lm.train", "recipe=no_such_recipe", check=False, cwd=tmp_path)
     assert result.returncode != 0
     assert "Available options in 'recipe'" in result.stderr and "quickstart" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_is_one_clear_line(tmp_path):
     result = cli("hier_lm.sample", f"ckpt={tmp_path / 'missing'}", check=False, cwd=tmp_path)
     assert result.returncode != 0
     assert f"checkpoint not found: {tmp_path / 'missing'}" in result.stderr
 
 
+@pytest.mark.slow
 def test_non_editable_install_finds_its_recipes(tmp_path):
     # Built from a copy of the sources: setuptools' build/ folder in the checkout may hold files of an older layout.
     source, target = tmp_path / "source", tmp_path / "site"

@@ -114,6 +114,7 @@ def runs(corpus_dir, tmp_path_factory):
     return {**dirs, "logs": logs}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_interrupted_and_resumed_equal_one_process(runs, strategy):
     reference, straight, resumed = runs["reference"], runs[strategy], runs[f"{strategy}_killed"]
@@ -135,6 +136,7 @@ def test_two_processes_interrupted_and_resumed_equal_one_process(runs, strategy)
     assert f"(resuming from {resumed / 'checkpoints' / 'last.ckpt'})" in runs["logs"][f"{strategy}_resumed"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_processes_scores_every_window_once(runs, tmp_path):
     """`python -m hier_lm.evaluate devices=2` (Trainer.test in two processes, gloo): each rank scores its shard of
     the split, and the exact token count and the loss are those of one process."""
@@ -150,6 +152,7 @@ def test_evaluate_on_two_processes_scores_every_window_once(runs, tmp_path):
 # Resuming the consolidated copy in another folder: Lightning notes that the ModelCheckpoint folder changed.
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.slow
 def test_fsdp_checkpoints_are_sharded_and_consolidate_to_one_loadable_file(runs, corpus_dir, tmp_path, capsys):
     checkpoints = runs["fsdp_killed"] / "checkpoints"
     last = checkpoints / "last.ckpt"
@@ -227,12 +230,14 @@ def test_eval_shards_score_every_window_once(corpus_dir, tmp_path):
     assert sum(part.item() * n for part, n in parts) / count == pytest.approx(loss.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch(runs, corpus_dir, tmp_path):
     accumulated = run([*overrides(corpus_dir, tmp_path, batch_size=2), "trainer.accumulate_grad_batches=2",
                        NO_VALIDATION, f"run_dir={tmp_path / 'accumulated'}"])
     assert_same_curve(metrics(accumulated, "train/loss"), metrics(runs["reference"], "train/loss"), range(STEPS))
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_training_and_samples(runs, corpus_dir, tmp_path):
     checkpointed = run([*overrides(corpus_dir, tmp_path, batch_size=4), "model.activation_checkpointing=true",
                         f"run_dir={tmp_path / 'checkpointed'}"])
@@ -244,6 +249,7 @@ def test_activation_checkpointing_gives_the_same_training_and_samples(runs, corp
     assert (checkpointed / "samples.txt").read_text() == (runs["reference"] / "samples.txt").read_text()
 
 
+@pytest.mark.slow
 def test_compile_trains_compiled_or_says_it_falls_back(runs, corpus_dir, tmp_path, capsys, monkeypatch):
     # aot_eager: Dynamo + AOTAutograd without code generation (seconds on CPU; inductor takes minutes cold).
     short = [*overrides(corpus_dir, tmp_path, batch_size=4), "trainer.max_steps=2", NO_VALIDATION]

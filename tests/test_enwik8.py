@@ -381,6 +381,7 @@ def test_eval_without_context_is_unchanged(tmp_path):
 # ------------------------------------------------------------------------------- CLI, config, resume
 
 
+@pytest.mark.slow
 def test_prepare_cli(server, tmp_path, capsys):
     args = ["prepare", "enwik8", f"data.root={tmp_path}", f"data.url={server.url}/enwik8.zip",
             f"data.sha256={sha(ZIP)}", f"raw_sha256={sha(DATA)}",  # the data. prefix is optional

@@ -184,6 +184,7 @@ def test_bidirectional_outputs_see_later_positions():
 # --------------------------------------------------------------------------------- 5. gradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value_coarsening", ["sum", "mean"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_gradcheck(causal, value_coarsening):

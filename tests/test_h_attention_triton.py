@@ -101,7 +101,7 @@ def test_float16():
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter multiplies bf16 tl.dot operands as raw bits")
+@pytest.mark.gpu  # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits
 def test_bfloat16_forward_backward():
     q, k, v, rpb = make_inputs(300, 64, batch=2, heads=2, nr=16)
     leaves = [x.bfloat16().requires_grad_(True) for x in (q, k, v)]

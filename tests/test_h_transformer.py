@@ -94,6 +94,7 @@ def test_decode_operator_keeps_bounded_state_and_does_bounded_work(monkeypatch):
 
 @pytest.mark.parametrize("pos, value_coarsening, nr", [("hrpb", "sum", 2), ("rope", "mean", 4), ("rope", "sum", 2),
                                                        ("hrpb", "mean", 8)])
+@pytest.mark.slow
 def test_model_cache_equals_full_forward(pos, value_coarsening, nr):
     model = tiny(pos=pos, value_coarsening=value_coarsening, block_size=nr)
     tokens = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(2))

@@ -162,6 +162,7 @@ def test_samples_are_logged_as_wandb_images(tmp_path, monkeypatch):
     assert logged.read_bytes() == (run_dir / "samples" / "step_2.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_sample_command_writes_grids_and_completions(image_run, tmp_path):
     grid = tmp_path / "grid.png"
     cli("hier_lm.sample", f"ckpt={image_run}", "num_images=4", f"out={grid}", "temperature=1.0", "seed=0",

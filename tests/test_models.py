@@ -81,6 +81,7 @@ def test_generation_is_seeded(model):
         generate(model, [], 3, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt_len", [3, 100])
 def test_generation_beyond_max_len_restarts_the_context_in_both_modes(model, prompt_len):
     prompt = torch.randint(0, model.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(5))
@@ -90,6 +91,7 @@ def test_generation_beyond_max_len_restarts_the_context_in_both_modes(model, pro
     assert torch.equal(cached, generate(model, prompt, n, use_cache=False, seed=3))
 
 
+@pytest.mark.slow
 def test_overfits_a_tiny_batch(model):
     torch.manual_seed(4)
     model.train()

@@ -62,6 +62,7 @@ def test_committed_notebook_has_no_outputs(path):
         f"{path.name}: its first code cell must read HIER_LM_NOTEBOOK_SMOKE and pick tiny settings when it is 1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs_and_draws(path, tmp_path, kernel_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
@@ -72,6 +73,7 @@ def test_notebook_runs_and_draws(path, tmp_path, kernel_path, monkeypatch):
     assert all(len(o.data["image/png"]) > 1000 for o in figures)  # base64 PNGs, not empty canvases
 
 
+@pytest.mark.slow
 def test_kernel_is_this_interpreter(tmp_path, kernel_path, monkeypatch):
     """The kernel the notebooks run in is the test's own Python (the project's virtual environment)."""
     nb = nbformat.v4.new_notebook()

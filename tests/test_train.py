@@ -42,6 +42,7 @@ def metric_names(run_dir: Path) -> list[str]:
         return csv.DictReader(f).fieldnames
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_recipe_runs_two_steps(recipe, corpus_dir, tmp_path):
     run_dir = run(recipe, tiny_overrides(corpus_dir, tmp_path, recipe=recipe))
