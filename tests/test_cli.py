@@ -1,6 +1,7 @@
 """The command lines as a user runs them: train -> sample -> evaluate, sweeps, errors, and a non-editable install;
 evaluation through Trainer.test against the plain loss."""
 
+import csv
 import json
 import math
 import shutil
@@ -103,6 +104,25 @@ def test_a_sweep_runs_each_job_in_its_own_run_folder(corpus_dir, tmp_path):
     assert len(objectives) == 2 and all(0 < float(line.split(": ")[1]) < 10 for line in objectives)
     assert [p.name for p in (runs / "multirun").iterdir()]  # the sweep's own folder, under runs_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written to the working directory
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_minimises_what_main_returns(corpus_dir, tmp_path):
+    runs = tmp_path / "runs"
+    cli("hier_lm.train", "-m", "recipe=quickstart", *tiny_overrides(corpus_dir, runs), "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize", "hydra.sweeper.sampler.seed=0",
+        "optim.lr=interval(1e-4,1e-2)", cwd=tmp_path)
+    folders = sorted(p for p in (runs / "quickstart").iterdir() if p.name != "last")
+    losses = {}  # each trial's learning rate -> its last val/loss
+    for folder in folders:
+        with open(folder / "logs" / "metrics.csv", newline="") as f:
+            val_losses = [float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"]]
+        losses[OmegaConf.load(folder / "config.yaml").optim.lr] = val_losses[-1]
+    (sweep,) = (runs / "multirun").iterdir()
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert len(losses) == 2 and all(1e-4 <= lr <= 1e-2 for lr in losses)  # two trials drawn from the interval
+    assert best.best_value == pytest.approx(min(losses.values()), rel=1e-6)  # main's return value, minimised
+    assert best.best_params["optim.lr"] == min(losses, key=losses.get)
 
 
 @pytest.mark.slow
