@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import (attention_scaling, data_throughput, generation_speed, hourglass_speed, model_throughput,
-                        peers, same_compute)
+                        peers, same_compute, scaling_study)
 from benchmarks import __main__ as suite
 from tests.helpers import TINY_MODEL
 
@@ -29,6 +29,31 @@ def test_same_compute_trains_both_models_for_the_budget(corpus_dir, tmp_path):
     assert saved["budget_s"] == 2 and len(saved["runs"]) == 2 and "cpu" in saved["machine"]
     assert "| hourglass |" in (tmp_path / "same_compute.md").read_text()
     assert (tmp_path / "same_compute.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_scaling_study_gives_every_model_the_same_flop_budgets(corpus_dir, tmp_path):
+    tiny = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", f"data.paths=[{corpus_dir}/*.py]",
+            "data.num_workers=0"]
+    results = scaling_study.main([
+        "--contexts", "32", "--budgets", "0.02", "0.04", "--batch-tokens", "128", "--val-bytes", "2048",
+        "--calibration-steps", "1", "--warmup-steps", "2", "--models", "transformer", "hourglass", "--set", *tiny,
+        "--variant", "hourglass_k2", "hourglass", "model.hierarchy='1@1 4@2 1@1'", "--out", str(tmp_path)])
+    runs = {r["name"]: r for r in results["runs"]}
+    assert list(runs) == ["transformer", "hourglass", "hourglass_k2"]
+    budgets = [p["budget_flops"] for p in runs["transformer"]["points"]]
+    assert len(budgets) == 2 and budgets[1] == pytest.approx(2 * budgets[0])
+    for run in runs.values():
+        assert [p["budget_flops"] for p in run["points"]] == budgets  # the same FLOPs for every model
+        for point in run["points"]:  # a budget's steps spend its FLOPs (at least the warm-up's worth)
+            assert point["flops"] == point["steps"] * run["flops_per_token"] * run["batch_size"] * 32
+            assert point["flops"] <= max(point["budget_flops"], 4 * run["flops_per_token"] * run["batch_size"] * 32)
+            assert math.isfinite(point["bpc"])
+        assert run["points"][1]["steps"] > run["points"][0]["steps"]  # twice the FLOPs: more steps
+    # the Hourglass shortens 4x in the middle: fewer FLOPs per byte than the Transformer at equal parameters
+    assert runs["hourglass"]["flops_per_token"] < runs["transformer"]["flops_per_token"]
+    assert "| hourglass_k2 |" in (tmp_path / "scaling_study.md").read_text()
+    assert (tmp_path / "scaling_study.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
