@@ -7,27 +7,40 @@ temporary folder beside the cache, recording each file's size and sha256, and pu
 folder with renames, `meta.json` last; a failed or interrupted write never leaves a cache taken for finished,
 and never harms the finished one already there. Files of the cache folder that belong to no cache (a
 download, a tokenizer) are left alone.
+
+Opening a cache checks its contents: `meta.json` records an xxh3-64 checksum of every chunk of every data file
+(chunks of at most 16 MiB that never straddle two splits), and a data file that is missing, of another size or
+whose chunks differ from the recorded ones is a `CorruptCacheError` naming the file and the damaged splits (or a
+rebuild, where the caller can rebuild the cache from its source). Caches written before these checksums are
+checked against the sha256 their meta records, and the checksums are then added to their `meta.json`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from tqdm.auto import tqdm
 
 from hier_lm.data.download import file_sha256
 from hier_lm.files import atomic_write, atomic_write_text
 
 META = "meta.json"
+CHECKSUMS = "chunk_checksums"  # the key of meta.json that holds the data files' chunk checksums
+ALGORITHM = "xxh3_64"  # the chunk checksum: fastest of those measured (benchmarks/cache_verify.py)
+CHUNK_BYTES = 16 << 20  # the most bytes one checksum covers
+_PROGRESS_BYTES = 1 << 30  # a check of this many bytes or more shows a progress bar
 
 
 def default_data_root() -> Path:
@@ -44,6 +57,73 @@ def entropy_bits(counts: np.ndarray) -> float:
 def host_tag() -> str:
     """This host's name as it appears in the names of a writer's temporary folders."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def check_folder(folder: Path) -> None:
+    """A `ValueError` if `folder`, or the nearest of its parents that exists, is not a folder (e.g. the data
+    root `$HIER_LM_DATA` or `data.root` names a file): no cache can be made there."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{path} is a file, not a folder, so no cache can be made in {folder}: point "
+                                 "HIER_LM_DATA (or data.root=) at a folder")
+            return
+
+
+def chunk_ranges(size: int, cuts: Iterable[int] = ()) -> list[tuple[int, int]]:
+    """Byte ranges `[start, end)` tiling `[0, size)` in order: at most `CHUNK_BYTES` each, none across a cut."""
+    points = sorted({0, size, *(cut for cut in cuts if 0 < cut < size)})
+    return [(start, min(start + CHUNK_BYTES, end)) for begin, end in zip(points, points[1:])
+            for start in range(begin, end, CHUNK_BYTES)]
+
+
+def chunk_checksums(path: Path, ranges: list[tuple[int, int]], sha256=None) -> list[str]:
+    """The xxh3-64 hex digests of the byte ranges `ranges` of the file `path`, read through a memmap; the ranges
+    are also fed, in order, to the hashlib object `sha256` if given. A progress bar for 1 GiB and more."""
+    if not ranges:  # an empty file (which cannot be memory-mapped)
+        return []
+    digests = []
+    total = ranges[-1][1] - ranges[0][0]
+    with (open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+          memoryview(data) as view,
+          tqdm(total=total, unit="B", unit_scale=True, desc=f"checking {path.name}",
+               disable=True if total < _PROGRESS_BYTES else None) as bar):
+        for start, end in ranges:
+            with view[start:end] as chunk:
+                digests.append(xxhash.xxh3_64_hexdigest(chunk))
+                if sha256 is not None:
+                    sha256.update(chunk)
+            bar.update(end - start)
+    return digests
+
+
+def _checksums_entry(files: dict[str, list[list]]) -> dict:
+    """The `chunk_checksums` entry of a meta: the algorithm, the chunk size and each data file's chunk list."""
+    return {"algorithm": ALGORITHM, "chunk_bytes": CHUNK_BYTES, "files": files}
+
+
+def _describe_damage(bad: list[tuple[int, int]], regions: dict[str, tuple[int, int]]) -> str:
+    """The damaged byte ranges `bad` in words: adjacent ones merged (the first two shown), and the `regions`
+    (name: byte range) they touch."""
+    merged: list[list[int]] = []
+    for start, end in bad:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    ranges = ", ".join(f"[{start:,}, {end:,})" for start, end in merged[:2])
+    ranges += f" and {len(merged) - 2} more" if len(merged) > 2 else ""
+    hit = [name for name, (start, end) in regions.items() if any(start < b and a < end for a, b in merged)]
+    return f"bytes {ranges} differ from those written" + (f", in {' and '.join(hit)}" if hit else "")
+
+
+class CorruptCacheError(ValueError):
+    """A finished cache's data file that is missing, of another size, or whose bytes differ from those written:
+    `path` (the file) and `detail` (what is wrong)."""
+
+    def __init__(self, path: Path, detail: str, fix: str):
+        super().__init__(f"{path} is corrupt ({detail}): {fix}")
+        self.path, self.detail = path, detail
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,21 +170,29 @@ class Written:
 class MemmapCache:
     """A finished cache folder: `meta.json` and the data files it describes. A subclass says which files of
     which sizes a meta describes (`file_sizes`), which small files are also checked against their recorded
-    sha256 on opening (`file_checksums`), and what `python -m hier_lm.data prepare` prints (`describe`).
+    sha256 on opening (`file_checksums`), what `python -m hier_lm.data prepare` prints (`describe`), and
+    optionally the splits inside its data files (`file_regions`: chunk checksums never straddle two, and a
+    damaged chunk is reported by split) and the whole-file sha256 its meta records (`data_sha256`: what a cache
+    written before the chunk checksums is checked against).
 
-    `Cls(folder)` opens a finished cache (else `FileNotFoundError`); `Cls.open_finished(folder)` returns None
-    instead, after cleaning up what a killed writer left (`recover`); `Cls.writer(folder)` writes one.
+    `Cls(folder)` opens a finished cache and checks its contents (`verify`): `FileNotFoundError` if there is
+    none, `CorruptCacheError` if it is damaged. `Cls.open_finished(folder)` returns None instead of the
+    `FileNotFoundError`, after cleaning up what a killed writer left (`recover`); `Cls.writer(folder)` writes one.
     """
 
     kind = "cache"  # what the folder is, in errors
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
-        meta = self.read_meta(self.path)
+        meta = self._load_meta(self.path)
         if meta is None:
-            raise FileNotFoundError(f"{self.path} holds no finished {self.kind} ({META} or a data file missing or "
-                                    "incomplete)")
+            raise FileNotFoundError(f"{self.path} holds no finished {self.kind} ({META} missing or not of a "
+                                    f"{self.kind})")
         self.meta: dict = meta
+        if (damage := self._damage(self.path, meta)) is not None:
+            raise self._corrupt(*damage)
+        if verify:
+            self.verify()
 
     @classmethod
     def file_sizes(cls, meta: dict) -> dict[str, int]:
@@ -117,24 +205,115 @@ class MemmapCache:
         return {}
 
     @classmethod
-    def read_meta(cls, folder: str | Path) -> dict | None:
-        """The meta dict of `folder` if it holds a finished cache, else None."""
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / META).read_text())
-            complete = all((folder / name).stat().st_size == size for name, size in cls.file_sizes(meta).items())
-            complete = complete and all(file_sha256(folder / name) == sha256
-                                        for name, sha256 in cls.file_checksums(meta).items())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return meta if complete else None
+    def file_regions(cls, meta: dict) -> dict[str, dict[str, tuple[int, int]]]:
+        """`{data file name: {region (e.g. "the valid split"): (start byte, end byte)}}`: the parts of the data
+        files that a reader uses separately."""
+        return {}
 
     @classmethod
-    def open_finished(cls, folder: str | Path):
-        """The finished cache in `folder`, or None (absent, half-written or damaged)."""
+    def data_sha256(cls, meta: dict) -> dict[str, str]:
+        """`{data file name: sha256 of the whole file}` as `meta` records it."""
+        return {}
+
+    @classmethod
+    def _load_meta(cls, folder: Path) -> dict | None:
+        """`meta.json` of `folder` if it is the meta of a cache of this kind, else None."""
+        try:
+            meta = json.loads((folder / META).read_text())
+            cls.file_sizes(meta)
+            algorithm = meta.get(CHECKSUMS, {}).get("algorithm", ALGORITHM)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return meta if algorithm == ALGORITHM else None
+
+    @classmethod
+    def _damage(cls, folder: Path, meta: dict) -> tuple[Path, str] | None:
+        """(file, what is wrong) for the first file of `meta` that is missing or not of its recorded size (or,
+        for the small files of `file_checksums`, sha256); None if there is none."""
+        for name, size in cls.file_sizes(meta).items():
+            try:
+                actual = (folder / name).stat().st_size
+            except OSError:
+                return folder / name, "it is missing"
+            if actual != size:
+                return folder / name, f"it has {actual:,} bytes, not the {size:,} it was written with"
+        for name, sha256 in cls.file_checksums(meta).items():
+            try:
+                if file_sha256(folder / name) != sha256:
+                    return folder / name, "its sha256 differs from the one it was written with"
+            except OSError:
+                return folder / name, "it is missing"
+        return None
+
+    def _corrupt(self, path: Path, detail: str) -> CorruptCacheError:
+        fix = (f"delete {self.path / META} and run again to rebuild the {self.kind} from its source "
+               "(`python -m hier_lm.data prepare <dataset>` with its source, e.g. data.path=..., rebuilds it)")
+        return CorruptCacheError(path, detail, fix)
+
+    @classmethod
+    def read_meta(cls, folder: str | Path) -> dict | None:
+        """The meta dict of `folder` if it holds a finished cache (every file there, of its recorded size; the
+        contents are not read), else None."""
         folder = Path(folder)
+        meta = cls._load_meta(folder)
+        return meta if meta is not None and cls._damage(folder, meta) is None else None
+
+    def verify(self) -> None:
+        """Check the data files' bytes against the chunk checksums of the meta; a `CorruptCacheError` naming the
+        file and the damaged regions if they differ. A meta without chunk checksums (a cache written before
+        them) is checked against the sha256 it records, then given the checksums (`meta.json` rewritten
+        atomically; left as it was where the folder is read-only)."""
+        if CHECKSUMS not in self.meta:
+            self._upgrade()
+            return
+        regions = self.file_regions(self.meta)
+        for name, chunks in self.meta[CHECKSUMS]["files"].items():
+            digests = chunk_checksums(self.path / name, [(start, end) for start, end, _ in chunks])
+            bad = [(start, end) for (start, end, expected), digest in zip(chunks, digests) if digest != expected]
+            if bad:
+                raise self._corrupt(self.path / name, _describe_damage(bad, regions.get(name, {})))
+
+    def _upgrade(self) -> None:
+        recorded, files = self.data_sha256(self.meta), {}
+        for name in self.file_sizes(self.meta):
+            sha256 = hashlib.sha256()
+            files[name] = self.chunk_list(self.path, self.meta, name, sha256)
+            if name in recorded and sha256.hexdigest() != recorded[name]:
+                raise self._corrupt(self.path / name, f"its sha256 differs from the one recorded in {META}")
+        self.meta[CHECKSUMS] = _checksums_entry(files)
+        try:
+            atomic_write_text(self.path / META, json.dumps(self.meta, indent=2) + "\n")
+        except OSError:
+            pass
+
+    @classmethod
+    def chunk_list(cls, folder: Path, meta: dict, name: str, sha256=None) -> list[list]:
+        """`[[start, end, xxh3-64 hex digest], ...]` of the chunks of the data file `name` of `folder` (split by
+        `chunk_ranges` at the boundaries of its regions in `meta`); the bytes also go to `sha256` if given."""
+        cuts = [cut for bounds in cls.file_regions(meta).get(name, {}).values() for cut in bounds]
+        ranges = chunk_ranges((folder / name).stat().st_size, cuts)
+        digests = chunk_checksums(folder / name, ranges, sha256)
+        return [[start, end, digest] for (start, end), digest in zip(ranges, digests)]
+
+    @classmethod
+    def open_finished(cls, folder: str | Path, rebuild: str | None = None, fix: str | None = None):
+        """The finished cache in `folder`, or None if it is absent or half-written. A damaged cache is a
+        `CorruptCacheError` (its message ending with `fix`, if given), unless the caller can rebuild it: then
+        `rebuild` says from what (e.g. "from enwik8.zip"), a one-line warning on stderr says so, and the result
+        is None."""
+        folder = Path(folder)
+        check_folder(folder)
         cls.recover(folder)
-        return cls(folder) if cls.read_meta(folder) is not None else None
+        if cls._load_meta(folder) is None:
+            return None
+        try:
+            return cls(folder)
+        except CorruptCacheError as err:
+            if rebuild is None:
+                raise CorruptCacheError(err.path, err.detail, fix) if fix else err from None
+            print(f"warning: {err.path} is corrupt ({err.detail}): rebuilding the {cls.kind} {rebuild}",
+                  file=sys.stderr, flush=True)
+            return None
 
     @classmethod
     def recover(cls, folder: Path) -> None:
@@ -185,6 +364,7 @@ class CacheWriter:
         self.written: dict[str, Written] = {}
 
     def __enter__(self) -> CacheWriter:
+        check_folder(self.folder)
         self.cache.recover(self.folder)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -223,7 +403,10 @@ class CacheWriter:
         return self.written[name]
 
     def publish(self, meta: dict) -> None:
-        """Make the added files, with `meta` as `meta.json`, the finished cache of `folder`."""
+        """Make the added files, with `meta` plus their chunk checksums (read back from the written files) as
+        `meta.json`, the finished cache of `folder`."""
+        files = {name: self.cache.chunk_list(self.tmp, meta, name) for name in self.written}
+        meta = {**meta, CHECKSUMS: _checksums_entry(files)}
         atomic_write_text(self.tmp / META, json.dumps(meta, indent=2) + "\n")
         if (self.folder / META).exists():
             try:

@@ -18,12 +18,12 @@ FORMAT = 1  # bump when the cache layout changes: a cache of another format is n
 class ImageNetCache(MemmapCache):
     """A finished cache folder: `train.u8` and `valid.u8` (raw `uint8 [N, S, S, 3]`, the source's official
     splits) and `meta.json` (size, format, source, image counts, the sha256 of each split file and of each
-    source file)."""
+    source file, the split files' chunk checksums checked on opening: see `MemmapCache`)."""
 
     kind = "image cache"
 
-    def __init__(self, path: str | Path):
-        super().__init__(path)
+    def __init__(self, path: str | Path, verify: bool = True):
+        super().__init__(path, verify)
         self.size: int = self.meta["size"]
 
     @classmethod
@@ -32,6 +32,15 @@ class ImageNetCache(MemmapCache):
             raise ValueError(f"cache format {meta['format']}, not {FORMAT}")
         image_bytes = CHANNELS * meta["size"] ** 2
         return {meta["splits"][s]["file"]: meta["splits"][s]["images"] * image_bytes for s in CACHE_SPLITS}
+
+    @classmethod
+    def file_regions(cls, meta: dict) -> dict[str, dict[str, tuple[int, int]]]:
+        files, sizes = {s: meta["splits"][s]["file"] for s in CACHE_SPLITS}, cls.file_sizes(meta)
+        return {file: {f"the {split} split": (0, sizes[file])} for split, file in files.items()}
+
+    @classmethod
+    def data_sha256(cls, meta: dict) -> dict[str, str]:
+        return {meta["splits"][s]["file"]: meta["splits"][s]["sha256"] for s in CACHE_SPLITS}
 
     def images(self, split: str) -> int:
         return self.meta["splits"][split]["images"]
@@ -76,4 +85,4 @@ def write_cache(folder: Path, splits: Mapping[str, Iterable[np.ndarray]], meta: 
                                  f"({' and '.join(meta['source_files']) or 'train and validation files'})")
             split_meta[name] = {"file": f"{name}.u8", "images": count, "sha256": written.sha256}
         writer.publish({**meta, "splits": split_meta})
-    return ImageNetCache(folder)
+    return ImageNetCache(folder, verify=False)  # just written and checksummed

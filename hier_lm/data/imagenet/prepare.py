@@ -78,7 +78,7 @@ def prepare_imagenet(size: int = 32, format: str = "oord", root: str | Path | No
         wanted = url
     else:
         wanted = None
-    cache = ImageNetCache.open_finished(folder)
+    cache = ImageNetCache.open_finished(folder, rebuild=None if wanted is None else f"from {wanted}")  # damaged
     if cache is not None and cache.size == size and (wanted is None or cache.meta.get("source") == wanted):
         return cache
 

@@ -31,7 +31,7 @@ class TokenCorpus(MemmapCache):
     """A finished LM1B cache folder: `tokens.bin` (every split's token ids, `</s>` after each sentence,
     concatenated train, valid, test; uint16 for vocabularies up to 65,536, else int32), `tokenizer.json`
     (its sha256 checked on opening) and `meta.json` (split offsets, per-split sentence / word / token counts,
-    sha256s, unigram entropies).
+    sha256s, unigram entropies, and the chunk checksums of `tokens.bin` checked on opening: see `MemmapCache`).
 
     Serves a `TokenWindowDataModule` like a `ByteCorpus`: `meta["splits"]`, `split(name)`, `unigram_entropy`.
     """
@@ -45,6 +45,16 @@ class TokenCorpus(MemmapCache):
     @classmethod
     def file_checksums(cls, meta: dict) -> dict[str, str]:
         return {TOKENIZER: meta["tokenizer_sha256"]}
+
+    @classmethod
+    def file_regions(cls, meta: dict) -> dict[str, dict[str, tuple[int, int]]]:
+        size = np.dtype(meta["dtype"]).itemsize
+        return {TOKENS: {f"the {name} split": (start * size, end * size)
+                         for name, (start, end) in meta["splits"].items()}}
+
+    @classmethod
+    def data_sha256(cls, meta: dict) -> dict[str, str]:
+        return {TOKENS: meta["sha256"]}
 
     def _check_name(self, name: str) -> None:
         if name not in self.meta["splits"]:
@@ -147,4 +157,4 @@ def write_corpus(folder: Path, tokenizer: Tokenizer, parts: Iterable[Part], head
                         "shards": {split: sorted(files[split]) for split in order},
                         "counts": {split: counts[split] for split in order}, "sha256": written.sha256,
                         "unigram_entropy_bits": {split: entropy_bits(histograms[split]) for split in order}})
-    return TokenCorpus(folder)
+    return TokenCorpus(folder, verify=False)  # just written and checksummed

@@ -97,7 +97,7 @@ def prepare_lm1b(root: str | Path | None = None, *, source: str, path: str | Pat
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     base = Path(root).expanduser() if root else default_data_root()
     folder = base / "lm1b" / key
-    corpus = TokenCorpus.open_finished(folder)
+    corpus = TokenCorpus.open_finished(folder, rebuild=None if path is None else f"from {path}")  # damaged
     if corpus is not None:
         return corpus
 

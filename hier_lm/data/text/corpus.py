@@ -62,7 +62,8 @@ class ByteCorpus(MemmapCache):
 
     `ByteCorpus.build(files)` makes or reuses the cache of local files under `<root>/textfiles/<key>/`;
     other byte datasets (enwik8) write their own folder with `ByteCorpus.write` and reopen it with
-    `open_finished`; `ByteCorpus(path)` opens a finished cache folder.
+    `open_finished`; `ByteCorpus(path)` opens a finished cache folder. Opening checks the bytes against the
+    chunk checksums in `meta.json` (see `MemmapCache`): a damaged split is a `CorruptCacheError` naming it.
     """
 
     kind = "byte corpus"
@@ -72,12 +73,20 @@ class ByteCorpus(MemmapCache):
         return {CORPUS: meta["bytes"]}
 
     @classmethod
+    def file_regions(cls, meta: dict) -> dict[str, dict[str, tuple[int, int]]]:
+        return {CORPUS: {f"the {name} split": tuple(bounds) for name, bounds in meta["splits"].items()}}
+
+    @classmethod
+    def data_sha256(cls, meta: dict) -> dict[str, str]:
+        return {CORPUS: meta["sha256"]}
+
+    @classmethod
     def build(cls, files: Sequence[str | Path], root: str | Path | None = None,
               splits: Sequence[float] = DEFAULT_SPLITS) -> ByteCorpus:
         """Open the cache of `files` under `root` (default `default_data_root()`), building it first if absent.
 
         The key covers each file's path, size and mtime and the split fractions, so changed files or splits
-        get a new cache.
+        get a new cache. A damaged cache is rebuilt from `files`, with a one-line warning on stderr.
         """
         fractions = check_splits(splits)
         files = [Path(f) for f in files]
@@ -91,7 +100,7 @@ class ByteCorpus(MemmapCache):
         bounds = _split_bounds(total, fractions)
         folder = Path(root).expanduser() if root else default_data_root()
         folder = folder / "textfiles" / _cache_key(files, stats, fractions)
-        return cls.open_finished(folder) or cls.write(
+        return cls.open_finished(folder, rebuild=f"from its {len(files)} source files") or cls.write(
             folder, file_chunks(files, stats), bounds, {"format": _FORMAT, "files": len(files)},
             {"split_fractions": list(fractions)}, progress=len(files) > _PROGRESS_MIN_FILES)
 
@@ -132,7 +141,7 @@ class ByteCorpus(MemmapCache):
                 "sha256": written.sha256,
                 "unigram_entropy_bits": {name: entropy_bits(c) for name, c in zip(SPLITS, counts)},
             })
-        return cls(folder)
+        return cls(folder, verify=False)  # just written and checksummed
 
     def _check_name(self, name: str) -> None:
         if name not in SPLITS:

@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hier_lm.data.cache import default_data_root
+from hier_lm.data.cache import META, default_data_root
 from hier_lm.data.download import ChecksumError, checksum_hint, download, file_sha256
 from hier_lm.data.settings import SPLITS, check_sizes, plain_split_sizes
 from hier_lm.data.text.corpus import ByteCorpus, file_chunks
@@ -55,15 +55,21 @@ def prepare_enwik8(root: str | Path | None = None, url: str = URL, sha256: str |
     """Open the enwik8 cache `<root>/enwik8/` (root default: `default_data_root()`), making it first if absent.
 
     A finished cache with the same split sizes (and bytes of sha256 `raw_sha256`, when given) is used as
-    it is, without any network access. Otherwise the bytes come from `path` (a local `enwik8.zip` or the
-    raw extracted `enwik8` file) or from `<root>/enwik8/enwik8.zip`, downloaded from `url` if absent
-    (resumable) and kept; the zip must have sha256 `sha256` and the extracted bytes `raw_sha256` (None skips
-    either check). `split_sizes` (train, valid, test) sum to the file's size (10^8 for the real enwik8).
+    it is, without any network access, once its bytes match their checksums; a damaged one is rebuilt from
+    `path` or the kept `enwik8.zip` (with a one-line warning), else it is an error saying how to rebuild it.
+    Otherwise the bytes come from `path` (a local `enwik8.zip` or the raw extracted `enwik8` file) or from
+    `<root>/enwik8/enwik8.zip`, downloaded from `url` if absent (resumable) and kept; the zip must have sha256
+    `sha256` and the extracted bytes `raw_sha256` (None skips either check). `split_sizes` (train, valid,
+    test) sum to the file's size (10^8 for the real enwik8).
     """
     sizes = plain_split_sizes(split_sizes, "byte", SPLIT_SIZES)
     bounds, total = _bounds(sizes), sum(sizes)
     folder = (Path(root).expanduser() if root else default_data_root()) / "enwik8"
-    corpus = ByteCorpus.open_finished(folder)
+    kept = Path(path).expanduser() if path is not None else folder / "enwik8.zip"
+    corpus = ByteCorpus.open_finished(
+        folder, rebuild=f"from {kept}" if kept.is_file() else None,
+        fix=f"pass data.path=/path/to/enwik8.zip to rebuild it, or delete {folder / META} to download enwik8.zip "
+            "anew and rebuild it (`python -m hier_lm.data prepare enwik8` does either ahead of training)")
     if (corpus is not None and corpus.meta.get("dataset") == "enwik8" and corpus.meta["splits"] == bounds
             and (raw_sha256 is None or corpus.meta["sha256"] == raw_sha256.lower())):
         return corpus
