@@ -1,11 +1,14 @@
 """Lightning callbacks of the training entry point (`recipes/callbacks/default.yaml`): token throughput and MFU,
-samples after each validation, RNG state, the final checkpoint."""
+samples after each validation, RNG state, the final checkpoint; and the two that `hier_lm.train` always adds:
+what a run publishes once it has started (`RunStart`) and the checkpoint at an interruption (`Interruption`)."""
 
 from __future__ import annotations
 
 import io
 import random
+import signal
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -18,11 +21,14 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from hier_lm.files import atomic_write_text, remove_stale_temporaries
 from hier_lm.generation import generate
 from hier_lm.image_sampling import image_grid, sample_images, save_png
 from hier_lm.models import build_model
+from hier_lm.runs import point_last
 
 
 def model_flops_per_token(model_config: dict, length: int) -> float:
@@ -248,3 +254,109 @@ class FinalCheckpoint(L.Callback):
         if step == trainer.max_steps and step % self.every_n_steps:
             trainer.save_checkpoint(self.dirpath / f"step_{step}.ckpt")
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
+class RunStart(L.Callback):
+    """What a run publishes only once training starts, after Lightning restored the checkpoint it resumes from
+    (rank 0): `<run_dir>/config.yaml` (the text `config_yaml`), and `<group>/last` pointing at the run (when
+    `group` is given). A command that fails before (a bad option, a checkpoint that does not fit) leaves the
+    previous `config.yaml` and `last` as they were; `started` says whether training started. At every save it
+    removes the temporary files a killed process left in the run's checkpoint folders."""
+
+    def __init__(self, run_dir: str | Path, config_yaml: str, group: str | Path | None = None):
+        self.run_dir, self.config_yaml = Path(run_dir), config_yaml
+        self.group = group and Path(group)
+        self.started = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = True
+        if trainer.is_global_zero:
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
+            if self.group:
+                point_last(self.group, self.run_dir)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            folders = {self.run_dir / "checkpoints", *(Path(c.dirpath) for c in trainer.checkpoint_callbacks
+                                                       if getattr(c, "dirpath", None))}
+            for folder in folders:
+                remove_stale_temporaries(folder)
+
+
+class Interruption(L.Callback):
+    """SIGINT (Ctrl-C) and SIGTERM stop training at the next step boundary with `<dirpath>/last.ckpt` saved, so
+    that `resume=auto` continues exactly; `signum` is the signal received (None if none was), the entry point
+    then exits with 128 + it (130, 143).
+
+    Built on Lightning's SIGTERM handling (2.6): its handler sets `trainer.received_sigterm` (and forwards the
+    signal to the ranks it launched), and the loops then raise `SIGTERMException` on every rank. From
+    `on_train_start` (Lightning has set its handler by then, and restores the previous ones when it tears down)
+    both signals come here first: SIGINT takes Lightning's path instead of a KeyboardInterrupt in the middle of a
+    step, and a second Ctrl-C stops at once (saves are atomic: the previous `last.ckpt` stays whole). The flag
+    is held off during a validation, which Lightning would stop in the middle. The checkpoint (a collective
+    save, on every rank) is written where Lightning resumes from exactly: at the end of the step's validation if
+    the step has one (as a checkpoint monitoring a validation metric would be), else in `on_exception` after
+    the step. (A save after a validated step's end resumes with the logging step off by one in Lightning 2.6.)"""
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+        self.signum: int | None = None
+        self._lightning = None  # Lightning's SIGTERM handler, while training
+        self._passed = False  # whether it was called
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        lightning = signal.getsignal(signal.SIGTERM)
+        if not callable(lightning) or threading.current_thread() is not threading.main_thread():
+            return
+        self._lightning = lightning
+
+        def stop_at_step_end(signum, frame) -> None:
+            if signum == signal.SIGINT and self.signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            self.signum = self.signum or signum
+            if not trainer.validating:
+                self._pass_on(trainer)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop_at_step_end)
+
+    def _pass_on(self, trainer) -> None:
+        """Set Lightning's flag: through its handler the first time, directly after a validation held it."""
+        if self._lightning is None:  # training has ended: nothing to stop (the entry point still exits 128 + signum)
+            return
+        if self._passed:
+            trainer._signal_connector.received_sigterm = True
+        else:
+            self._passed = True
+            self._lightning(self.signum, None)
+
+    def _save(self, trainer) -> None:
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self._saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            print(f"{signal.Signals(self.signum).name}: stopping after step {trainer.global_step}, saved {path}; "
+                  f"continue with resume=auto (or resume={self.dirpath.parent})", flush=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._lightning and trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False  # held until the validation ends
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._lightning and self.signum:
+            self._save(trainer)
+            self._pass_on(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._lightning and self.signum and not trainer.received_sigterm:
+            self._pass_on(trainer)  # received after the validation's end, before its loop returned
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._lightning = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._lightning and isinstance(exception, SIGTERMException):
+            self.signum = self.signum or signal.SIGTERM
+            if self._saved_step != trainer.global_step:
+                self._save(trainer)

@@ -4,6 +4,7 @@ handling."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -11,8 +12,10 @@ from importlib import resources
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from hier_lm.models import MODELS
 from hier_lm.models.config import hydra_schema
@@ -43,8 +46,22 @@ def instantiate_entries(entries: DictConfig | None, group: str) -> list:
         if not (isinstance(entry, DictConfig) and "_target_" in entry):
             raise ValueError(f"{group}.{name} has no _target_: give one (+{group}.{name}._target_=<class>) or "
                              f"remove the entry (~{group}.{name})")
-        objects.append(instantiate(entry))
+        objects.append(instantiate_option(entry, f"{group}.{name}"))
     return objects
+
+
+def instantiate_option(node: DictConfig, key: str, **kwargs):
+    """`instantiate(node, **kwargs)` for the config node at `key` (e.g. `data`); a key its `_target_` does not
+    take (a recipe's data key that another data group lacks, a misspelt option) is a one-line ValueError."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__))
+        if not isinstance(err.__cause__, TypeError) or unexpected is None:
+            raise
+        option = unexpected.group(1)
+        raise ValueError(f"{key}.{option} is not an option of {node._target_}: drop it (~{key}.{option}) or "
+                         f"rename it (`--cfg job` prints the composed config)") from err
 
 
 def quote_free_text_args(keys: tuple[str, ...]) -> None:
@@ -63,7 +80,8 @@ def hydra_quote_escape(text: str) -> str:
 
 
 def exit_on_user_error(fn: Callable) -> Callable:
-    """Turn the errors a user can fix (missing files, bad values) into one line on stderr and exit code 2."""
+    """Turn the errors a user can fix (missing files, bad values, also raised by a `_target_` that Hydra
+    instantiates) into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -72,6 +90,47 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except InstantiationException as err:
+            if not isinstance(err.__cause__, (FileNotFoundError, ValueError)):
+                raise
+            print(f"error: {err.__cause__}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def config_error_line(err: Exception) -> str:
+    """A Hydra or OmegaConf error (and the OmegaConf error it wraps) as one line, without the keys' types."""
+    text = str(err).split("Config search path:")[0]  # after the options of a missing config: Hydra's internals
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] + "".join(f" {line}" for line in lines[1:] if not line.startswith(("full_key:", "object_type=",
+                                                                                       "reference_type=")))
+    if isinstance(err.__cause__, OmegaConfBaseException):
+        text += f": {str(err.__cause__).splitlines()[0]}"
+    return text
+
+
+def exit_on_config_error(main: Callable) -> Callable:
+    """Around a `@hydra.main` entry point: an override Hydra cannot compose (a value of the wrong type, an unknown
+    key or option, bad syntax) or an OmegaConf error becomes one line on stderr and exit code 2, instead of
+    Hydra's report and exit code 1. Hydra hands these errors on only under HYDRA_FULL_ERROR, which this sets for
+    the call; where the user set it, Hydra's full traceback is left as it is."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("HYDRA_FULL_ERROR"):
+            return main(*args, **kwargs)
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return main(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            if isinstance(err, InstantiationException):
+                raise  # a user's error inside a `_target_` is `exit_on_user_error`'s: this one is a bug
+            print(f"error: {config_error_line(err)} (`--cfg job` prints the composed config, `--help` the config "
+                  f"groups and their options)", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
     return wrapper
 

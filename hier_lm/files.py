@@ -6,6 +6,7 @@ A leaf module (standard library and torch only), so that data, checkpoints and e
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +19,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the name `remove_stale_temporaries` knows
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -27,6 +28,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that `atomic_write` calls of other processes left in `folder` (a process
+    killed during a write leaves its `.<name>.tmp<pid>`); returns them. Only for a folder this process alone
+    writes (e.g. a locked run's checkpoints)."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file() and
+             (m := re.fullmatch(r"\..+\.tmp(\d+)", p.name)) and int(m.group(1)) != os.getpid()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from hier_lm.files import atomic_write
 from hier_lm.data.pixels import decode_images, encode_images
-from hier_lm.generation import generate
+from hier_lm.generation import check_count, check_sampling, generate
 from hier_lm.tasks.image_model import START_TOKEN, image_length
 
 
@@ -45,16 +45,18 @@ def sample_images(
     first `P < 3HW` pixel tokens, kept as they are), as `uint8 [N, image_size, image_size, 3]`.
 
     Images are drawn `batch_size` at a time (default: all at once), batch `i` with seed `seed + i`; the same
-    seed gives the same images with `use_cache=True` and `False`.
+    seed gives the same images with `use_cache=True` and `False`. Bad settings are a ValueError before any
+    sampling (`check_sampling`).
     """
     length = image_length(image_size)
     if getattr(model, "max_len", length) != length:
         raise ValueError(f"this model reads {model.max_len} tokens, not the {length} sub-pixels of a "
                          f"{image_size}x{image_size} image: use the image size it was trained on")
+    check_sampling(temperature, top_k, top_p)
+    if batch_size is not None:
+        check_count("batch_size", batch_size, minimum=1)
     if prompt_pixels is None:
-        if not num_images or num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        prompt_pixels = torch.zeros(num_images, 0, dtype=torch.long)
+        prompt_pixels = torch.zeros(check_count("num_images", num_images, minimum=1), 0, dtype=torch.long)
     prompt_pixels = torch.as_tensor(prompt_pixels, dtype=torch.long)
     if prompt_pixels.dim() != 2 or prompt_pixels.shape[1] >= length:
         raise ValueError(f"prompt_pixels must be [N, P] with P < {length}, got shape {list(prompt_pixels.shape)}")
