@@ -410,7 +410,8 @@ def test_prepare_cli(server, tmp_path, capsys):
                             f"data.raw_sha256='{sha(DATA)}' data.split_sizes=[{','.join(map(str, SIZES))}]\n")
 
     for bad, message in ((["enwik9"], "error: unknown dataset 'enwik9': choose one of enwik8, imagenet32, imagenet64, "
-                                      "lm1b, synthetic_images, textfiles"),
+                                      "lm1b, lra_image, lra_listops, lra_pathfinder, lra_retrieval, lra_text, "
+                                      "synthetic_images, textfiles"),
                          (["enwik8", "data.size=3"], "error: data=enwik8 has no setting data.size: its settings are "
                                                      "root, url, sha256, raw_sha256, path, split_sizes, seq_len"),
                          (["enwik8", "seq_len=0"], "error: data.seq_len must be at least 1, got 0"),

@@ -9,6 +9,7 @@ composed exactly as `python -m hier_lm.train data=<dataset>` composes it, and th
     python -m hier_lm.data prepare textfiles data.paths=[src/**/*.py] data.root=/scratch/data
     python -m hier_lm.data prepare lm1b data.vocab_size=8000 data.path=/datasets/lm1b.tar.gz
     python -m hier_lm.data prepare imagenet32 data.format=oord data.path=/datasets/downsampled_imagenet
+    python -m hier_lm.data prepare lra_listops data.generate=true    (or the flag --generate)
 
 Deprecated, still accepted: the flag spellings `--root DIR` (= `data.root=DIR`), `--vocab-size N`
 (= `data.vocab_size=N`); the words after a flag up to the next flag are its value, several of them a list
@@ -27,6 +28,7 @@ from hier_lm.config import compose_train_config, exit_on_user_error, hydra_quote
 
 _MAPPING_ITEM = re.compile(r"[\w.-]+=")  # FILE=SHA256, SPLIT=GLOB
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_SWITCHES = ("generate",)  # flags that take no value: `--generate` = `data.generate=true`
 
 
 def _value(word: str) -> str:
@@ -41,6 +43,8 @@ def _flag_override(flag: str, words: list[str]) -> str:
     flag, _, inline = flag.removeprefix("--").partition("=")
     words = [inline, *words] if inline else words
     key = "data." + flag.replace("-", "_")
+    if not words and flag in _SWITCHES:
+        return f"{key}=true"
     if not words:
         raise ValueError(f"--{flag} needs a value: write {key}=VALUE")
     if all(_MAPPING_ITEM.match(word) for word in words):
@@ -60,7 +64,8 @@ def data_overrides(args: list[str]) -> list[str]:
             overrides.append(args[i] if override.startswith("data.") else f"{prefix}data.{override}")
             i += 1
             continue
-        end = next((j for j in range(i + 1, len(args)) if args[j].startswith("--")), len(args))
+        switch = args[i].removeprefix("--") in _SWITCHES  # takes no words: the next word is an override again
+        end = i + 1 if switch else next((j for j in range(i + 1, len(args)) if args[j].startswith("--")), len(args))
         flags.append(_flag_override(args[i], args[i + 1:end]))
         i = end
     if flags:
