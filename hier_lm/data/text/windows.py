@@ -15,13 +15,15 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 class _SplitReader:
     """Reads one split of a token cache (`meta["splits"][split] = [start, end)`, `split(name)` a 1-D memmap)
     through a memmap opened lazily in the process that reads (a DataLoader worker included); the memmap is
-    never pickled. `unit` names what the split holds (bytes, tokens) and `hint` what else helps, in errors."""
+    never pickled. `unit` names what the split holds (bytes, tokens), `setting` the key that sets `seq_len` and
+    `hint` what else helps, in errors."""
 
-    def __init__(self, corpus, split: str, seq_len: int, unit: str = "tokens", hint: str = ""):
+    def __init__(self, corpus, split: str, seq_len: int, unit: str = "tokens", hint: str = "",
+                 setting: str = "data.seq_len"):
         start, end = corpus.meta["splits"][split]
         if end - start < seq_len + 1:
-            raise ValueError(f"the {split} split has {end - start:,} {unit}, fewer than data.seq_len + 1 = "
-                             f"{seq_len + 1:,}: lower data.seq_len{hint}")
+            raise ValueError(f"the {split} split has {end - start:,} {unit}, fewer than {setting} + 1 = "
+                             f"{seq_len + 1:,}: lower {setting}{hint}")
         self.corpus, self.split, self.seq_len, self.length = corpus, split, seq_len, end - start
         self._data: np.memmap | None = None
 
@@ -83,10 +85,15 @@ class EvalWindows(_SplitReader, Dataset):
     targets after `context` unscored ones, and the last window is aligned to the split's end (more context,
     fewer scored). So every token after the first is scored exactly once (`length - 1` in all), each with
     at least `context` earlier tokens of the window before it, except in window 0.
+
+    `seq_len` is the window length C, by default the training `data.seq_len` but any length the model reads
+    (`TokenWindowDataModule.set_eval_windows`): C = S = seq_len is the plain evaluation, C > S the paper's
+    sliding windows (chunks of S scored tokens after C - S of context; `context = C - S`).
     """
 
-    def __init__(self, corpus, split: str, seq_len: int, context: int = 0, unit: str = "tokens", hint: str = ""):
-        super().__init__(corpus, split, seq_len, unit, hint)
+    def __init__(self, corpus, split: str, seq_len: int, context: int = 0, unit: str = "tokens", hint: str = "",
+                 setting: str = "data.seq_len"):
+        super().__init__(corpus, split, seq_len, unit, hint, setting)
         if not 0 <= context < seq_len:
             raise ValueError(f"data.eval_context must be in [0, data.seq_len) = [0, {seq_len}), got {context}")
         self.context = context
