@@ -59,9 +59,9 @@ def test_causality_at_length_not_multiple_of_chunk(mode):
         assert not torch.allclose(out[:, s], reference[:, s]), f"token {s} had no effect on its own logits"
 
 
-def _runtime_length_relu2(q, k, v, causal=True, *, norm, attn_impl="auto"):
+def _runtime_length_relu2(q, k, v, causal=True, *, norm, attn_impl="auto", bias=None):
     """The public ports' bug: normalise by the runtime length instead of the fixed constant."""
-    return relu2_attention(q, k, v, causal=causal, norm=q.shape[-2], attn_impl=attn_impl)
+    return relu2_attention(q, k, v, causal=causal, norm=q.shape[-2], attn_impl=attn_impl, bias=bias)
 
 
 @pytest.mark.parametrize("mode", sorted(CONFIGS))
@@ -248,11 +248,5 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("mode", sorted(CONFIGS))
 def test_bad_inputs(mode):
     model = make_model(mode)
-    with pytest.raises(ValueError, match="exceeds max_len=64"):
-        model(random_tokens(1, MAX_LEN + 1))
-    cache = model.new_cache()
-    model(random_tokens(1, 60), cache=cache)
-    with pytest.raises(ValueError, match="sequence of 65 tokens exceeds max_len=64"):
-        model(random_tokens(1, 5), cache=cache)
     with pytest.raises(ValueError, match=r"tokens must be \[B, L\]"):
         model(torch.zeros(5, dtype=torch.long))

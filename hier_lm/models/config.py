@@ -27,7 +27,7 @@ class ModelConfig:
     """
 
     vocab_size: int = 256
-    max_len: int = 2048  # the longest sequence (with the cache: context) the model reads
+    max_len: int = 2048  # the training length; the longest input where positions are absolute (`max_context`)
     dropout: Probability = 0.1
     activation_checkpointing: bool = False  # a training option: the task recomputes each residual block in the
     # backward pass instead of storing its activations; the model ignores it

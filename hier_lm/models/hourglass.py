@@ -242,8 +242,9 @@ class HourglassConfig(ModelConfig):
 
 class Hourglass(nn.Module):
     """Hourglass LM. `model(tokens: [B, L]) -> logits: [B, L, vocab_size]`, `logits[:, t]` predicts
-    `tokens[:, t+1]` from `tokens[:, :t+1]`; any `L <= max_len` (padded internally at the end to a multiple
-    of the total shortening factor). Built from an `HourglassConfig` or its options as keywords.
+    `tokens[:, t+1]` from `tokens[:, :t+1]`; any `L`, beyond `max_len` too (positions are relative or rotary;
+    padded internally at the end to a multiple of the total shortening factor). Built from an `HourglassConfig`
+    or its options as keywords.
 
     `hierarchy` is the official notation, e.g. `"5@1 24@3 5@1"` (paper enwik8) or `"2@1 2@3 4@9 2@3 2@1"`.
     `shortening`: `"attention"` (Trax attention pooling, over `attention_shortening_base`), `"average"` or
@@ -257,6 +258,7 @@ class Hourglass(nn.Module):
 
     config_class = HourglassConfig
     block_types: tuple[type[nn.Module], ...] = (Block,)  # the residual blocks: units of sharding and checkpointing
+    max_context: int | None = None  # the longest input: any length (positions are relative or rotary)
 
     def __init__(self, config: HourglassConfig | None = None, **options):
         super().__init__()
@@ -286,9 +288,6 @@ class Hourglass(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: HourglassCache | None = None) -> torch.Tensor:
         B, L = tokens.shape
-        start = cache.n if cache is not None else 0
-        if start + L > self.max_len:
-            raise ValueError(f"sequence of {start + L} tokens exceeds max_len={self.max_len}")
         if cache is None:  # pad at the end: the padding is in the future of every real token
             tokens = F.pad(tokens, (0, -L % self.total_factor))
         x = self.drop(self.embed(tokens))

@@ -49,20 +49,23 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `scaled_dot_product_attention`, optional RoPE and KV cache."""
+    """Multi-head causal self-attention through `scaled_dot_product_attention`, optional RoPE and KV cache;
+    `causal=False` makes it bidirectional (an encoder's), with `lengths` hiding right padding."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rope: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rope: bool = True, causal: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.dropout = dropout
+        self.dropout, self.causal = dropout, causal
         self.rope = RotaryEmbedding(self.head_dim) if rope else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """`x: [B, L, d]` -> `[B, L, d]`; with `cache`, `x` holds the tokens after the cached ones."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`x: [B, L, d]` -> `[B, L, d]`; with `cache`, `x` holds the tokens after the cached ones. Bidirectional:
+        `lengths: [B]` real tokens per right-padded row; no query attends to a padding key."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = cache.length if cache is not None else 0
@@ -72,7 +75,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         dropout = self.dropout if self.training else 0.0
-        if start == 0:
+        if not self.causal:
+            mask = None if lengths is None else padding_mask(lengths, L)[:, None, None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:  # new queries see every cached key and the new keys up to themselves
             mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -96,16 +102,33 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LN decoder block: `x + Drop(Attn(LN(x)))`, then `x + Drop(FFN(LN(x)))`."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, rope: bool = True):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, rope: bool = True,
+                 causal: bool = True):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, dropout, rope)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout, rope, causal)
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)  # `lengths` only when given: Hourglass swaps in attentions that take (x, cache)
+        x = x + self.drop(self.attn(h, cache) if lengths is None else self.attn(h, cache, lengths))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+
+def padding_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """`BoolTensor[B, length]`, True at the real tokens of right-padded rows of `lengths: [B]` real tokens."""
+    return torch.arange(length, device=lengths.device) < lengths[:, None]
+
+
+def mean_pool(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over the real tokens of `x: [B, L, d]` -> `[B, d]`; `lengths: [B]` real tokens per right-padded
+    row (None: every token is real). A row of no real token pools to zeros."""
+    if lengths is None:
+        return x.mean(1)
+    real = padding_mask(torch.as_tensor(lengths, device=x.device), x.shape[1]).to(x.dtype)
+    return (x * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
 
 
 def init_weights(module: nn.Module) -> None:
