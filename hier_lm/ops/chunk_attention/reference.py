@@ -14,18 +14,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["PREFIX_BLOCK", "exclusive_prefix_mean", "mixed_chunk_attention", "naive_mixed_chunk_attention",
-           "relu2_attention", "relu2_weights"]
+           "relative_bias", "relu2_attention", "relu2_weights"]
 
 PREFIX_BLOCK = 32  # chunks per triangular matmul of `exclusive_prefix_mean`
 
 
-def relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start: int = 0) -> Tensor:
-    """``relu(q k^T / sqrt(S))**2 / norm`` over the last two dims, causal entries set to exactly 0.
+def relative_bias(bias: Tensor, queries: int, keys: int, query_start: int = 0) -> Tensor:
+    """The Toeplitz matrix of a relative position bias table: ``bias: [2N - 1]`` -> ``[queries, keys]``, entry
+    ``(t, j)`` = ``bias[N - 1 + j - (query_start + t)]`` (key j at ``j - t`` tokens right of query t); offsets
+    beyond ``N - 1`` tokens take the end entries."""
+    centre = (bias.shape[-1] - 1) // 2
+    query = torch.arange(query_start, query_start + queries, device=bias.device)
+    offset = torch.arange(keys, device=bias.device)[None, :] - query[:, None]
+    return bias[centre + offset.clamp(-centre, centre)]
+
+
+def relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start: int = 0,
+                  bias: Tensor | None = None) -> Tensor:
+    """``relu(q k^T / sqrt(S) + B)**2 / norm`` over the last two dims, causal entries set to exactly 0; B the
+    Toeplitz matrix of the relative position bias table ``bias: [2N - 1]`` (`relative_bias`), or 0.
 
     q: [..., M, S] at positions ``query_start ..``, k: [..., N, S] at positions ``0 ..`` -> [..., M, N].
     """
-    # relu(x / a)**2 / n == relu(x)**2 / (a**2 n) for a, n > 0: scale the [M, S] queries, not the [M, N] scores
+    # relu(x / a + b)**2 / n == relu(x / (a sqrt(n)) + b / sqrt(n))**2 for a, n > 0: scale the [M, S] queries,
+    # not the [M, N] scores
     scores = (q * (1.0 / math.sqrt(q.shape[-1] * norm))) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + relative_bias(bias, q.shape[-2], k.shape[-2], query_start) * (1.0 / math.sqrt(norm))
     weights = torch.relu(scores).square()
     if causal:
         query = torch.arange(query_start, query_start + q.shape[-2], device=q.device)
@@ -34,17 +49,19 @@ def relu2_weights(q: Tensor, k: Tensor, norm: float, causal: bool, query_start: 
     return weights
 
 
-def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, norm: float, query_start: int = 0) -> Tensor:
-    """``relu2_weights(q, k, norm, causal, query_start) @ v``: q [..., M, S], k [..., N, S], v [..., N, E]
+def relu2_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, norm: float, query_start: int = 0,
+                    bias: Tensor | None = None) -> Tensor:
+    """``relu2_weights(q, k, norm, causal, query_start, bias) @ v``: q [..., M, S], k [..., N, S], v [..., N, E]
     -> [..., M, E]."""
-    return relu2_weights(q, k, norm, causal, query_start) @ v
+    return relu2_weights(q, k, norm, causal, query_start, bias) @ v
 
 
 def mixed_chunk_attention(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k_lin: Tensor, v: Tensor, chunk_size: int,
-                          causal: bool) -> Tensor:
+                          causal: bool, bias: Tensor | None = None) -> Tensor:
     """FLASH mixed chunk attention vectorised over chunks: q_quad, k_quad, q_lin, k_lin [..., L, S], v [..., L, E]
     -> [..., L, E], in O(L * C * (S + E) + G * S * E) time and memory. The last chunk is padded with zeros
-    (padded keys and values add exactly 0) and the padded outputs are dropped."""
+    (padded keys and values add exactly 0) and the padded outputs are dropped. `bias`: an optional relative
+    position bias table [2N - 1] inside the relu of the local part."""
     tensors = (q_quad, k_quad, q_lin, k_lin, v)
     length, c = v.shape[-2], chunk_size
     groups = -(-length // c)
@@ -53,7 +70,7 @@ def mixed_chunk_attention(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k_lin: 
     # [..., L, D] -> zero-pad the time axis to G*C (only if needed: F.pad always copies) -> [..., G, C, D]
     qq, kq, ql, kl, vv = ((F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(-2, (groups, c)) for x in tensors)
 
-    local = relu2_weights(qq, kq, float(c), causal) @ vv  # [..., G, C, E]
+    local = relu2_weights(qq, kq, float(c), causal, bias=bias) @ vv  # [..., G, C, E]
 
     kv = kl.transpose(-1, -2) @ vv  # per-chunk state K_h^T V_h: [..., G, S, E]
     if causal:
@@ -90,7 +107,7 @@ def exclusive_prefix_mean(kv: Tensor, c: int) -> Tensor:
 
 
 def naive_mixed_chunk_attention(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k_lin: Tensor, v: Tensor,
-                                chunk_size: int, causal: bool) -> Tensor:
+                                chunk_size: int, causal: bool, bias: Tensor | None = None) -> Tensor:
     """The O(L^2) oracle: the weights of ``mixed_chunk_attention`` (the package's ``naive_mixed_chunk_attention``
     writes them out) as one dense [L, L] matrix, times v. Shapes as in ``mixed_chunk_attention``."""
     length, c, s = v.shape[-2], chunk_size, q_quad.shape[-1]
@@ -99,7 +116,10 @@ def naive_mixed_chunk_attention(q_quad: Tensor, k_quad: Tensor, q_lin: Tensor, k
     t, j = position[:, None], position[None, :]  # query index (rows), key index (columns)
     same_chunk = chunk[:, None] == chunk[None, :]
 
-    quad = torch.relu(q_quad @ k_quad.transpose(-1, -2) / math.sqrt(s)).square() / c
+    logits = q_quad @ k_quad.transpose(-1, -2) / math.sqrt(s)
+    if bias is not None:
+        logits = logits + relative_bias(bias, length, length)
+    quad = torch.relu(logits).square() / c
     lin = q_lin @ k_lin.transpose(-1, -2)
     if causal:
         earlier_chunk = chunk[:, None] > chunk[None, :]
