@@ -46,13 +46,14 @@ import torch
 from torch import Tensor
 
 from hier_lm.ops.common import in_compute_dtype, promoted_dtypes, resolve_impl
-from hier_lm.ops.h_attention import reference
+from hier_lm.ops.h_attention import recompute, reference
 from hier_lm.ops.h_attention.cache import HAttentionCache, h_attention_decode
 from hier_lm.ops.h_attention.checks import VALUE_COARSENINGS, check_block_size, check_value_coarsening
 from hier_lm.ops.h_attention.structure import h_attention_level_masks, h_attention_levels, h_attention_num_levels
+from hier_lm.ops.h_attention.tiles import check_kernel_fits
 
-__all__ = ["VALUE_COARSENINGS", "HAttentionCache", "check_block_size", "h_attention", "h_attention_decode",
-           "h_attention_level_masks", "h_attention_levels", "h_attention_num_levels"]
+__all__ = ["VALUE_COARSENINGS", "HAttentionCache", "check_block_size", "check_kernel_fits", "h_attention",
+           "h_attention_decode", "h_attention_level_masks", "h_attention_levels", "h_attention_num_levels"]
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -109,6 +110,7 @@ def h_attention(
     rpb: Tensor | None = None,
     lengths: Tensor | None = None,
     attn_impl: str = "auto",
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """H-Transformer-1D attention ``softmax(S_hat) @ v`` in O(L * Nr * D) time and memory.
 
@@ -129,6 +131,13 @@ def h_attention(
             ignored) and its outputs are zero; each row equals ``h_attention`` on its real tokens alone.
         attn_impl: ``"auto"`` (the Triton kernels of ``hier_lm.ops.h_attention.triton`` for CUDA tensors,
             except float64, which has no kernel; the PyTorch reference otherwise), ``"torch"`` or ``"triton"``.
+            The kernels have no dropout: with ``dropout_p > 0`` ``"auto"`` runs the reference and ``"triton"``
+            is an error.
+        dropout_p: attention dropout in ``[0, 1)``, applied whenever it is > 0 (a model passes 0 in eval
+            mode): each coarse (query, key) weight of each level is zeroed with probability ``dropout_p`` and
+            the kept ones are scaled by ``1 / (1 - dropout_p)``; the softmax denominator keeps every weight,
+            so this is dropout on the normalised attention weights (the official code's, after the partition;
+            it shares one mask across batch and heads, here every weight draws its own).
 
     Returns:
         ``[B, H, L, E]`` in the inputs' (promoted) dtype.
@@ -143,10 +152,18 @@ def h_attention(
         lengths = _check_lengths(lengths, q.shape[0], length, q.device)
     out_dtype, _ = promoted_dtypes(q, k, v)  # rpb (a parameter, often float32) does not change the output dtype
     backend = resolve_impl(attn_impl, q)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and attn_impl == "triton":
+        raise ValueError("the h-attention Triton kernels have no attention dropout: use attn_impl='auto' or "
+                         "'torch' with dropout_p > 0, or dropout_p=0")
     if length == 0:
         return v.new_zeros(v.shape, dtype=out_dtype)
-    if backend == "triton" and not (attn_impl == "auto" and out_dtype == torch.float64):
+    if backend == "triton" and not (attn_impl == "auto" and (out_dtype == torch.float64 or dropout_p > 0)):
         from hier_lm.ops.h_attention.triton import h_attention_triton  # imports triton: only when used
 
         return h_attention_triton(q, k, v, block_size, causal, value_coarsening, rpb, lengths)
-    return in_compute_dtype(reference.h_attention, (q, k, v), block_size, causal, value_coarsening, rpb, lengths)
+    if dropout_p > 0:  # the definition, through autograd: dropout masks live in its graph
+        return in_compute_dtype(reference.h_attention, (q, k, v), block_size, causal, value_coarsening, rpb,
+                                lengths, dropout_p)
+    return in_compute_dtype(recompute.h_attention, (q, k, v), block_size, causal, rpb, lengths)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Level", "Partial", "block_pattern", "coarsening_pyramid", "h_attention", "hierarchy_size", "lse_merge",
-           "normalised_output", "padded_inputs", "pairwise_sum", "partial_softmax", "relative_position_bias",
+__all__ = ["Level", "Partial", "block_pattern", "coarsening_pyramid", "h_attention", "hierarchy_size",
+           "level_block_scores", "lse_merge", "merged_levels", "neighbour_blocks", "neighbour_offsets", "normalised_output",
+           "padded_inputs", "pairwise_sum", "partial_softmax", "relative_position_bias", "relative_position_index",
            "upsample"]
 
 
@@ -49,14 +50,16 @@ def hierarchy_size(length: int, block_size: int) -> tuple[int, int]:
     return levels, block_size * 2**levels
 
 
-def padded_inputs(q: Tensor, k: Tensor, v: Tensor, padded: int, lengths: Tensor | None
+def padded_inputs(q: Tensor, k: Tensor, v: Tensor, padded: int, lengths: Tensor | None, scale: bool = True
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q, k: [B, H, L, D], v: [B, H, L, E] -> (q * D**-0.5, k, v) zero-padded to [B, H, L_pad, .], and `real`:
     [L_pad] bool (the first L positions), or [B, 1, L_pad] with per-row `lengths` (a long [B]; the rows of q, k,
-    v past each row's length become zero)."""
+    v past each row's length become zero). `scale=False`: q unscaled (the caller scales the logits)."""
     length, dim = q.shape[-2:]
-    q, k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, k, v))
-    q = q * dim**-0.5
+    if padded > length:
+        q, k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, k, v))
+    if scale:
+        q = q * dim**-0.5
     real = torch.arange(padded, device=q.device) < length  # [L_pad]
     if lengths is not None:  # per row: [B, 1, L_pad]; padded rows of q, k, v become zero
         real = real & (torch.arange(padded, device=q.device) < lengths[:, None, None])
@@ -87,13 +90,17 @@ def coarsening_pyramid(
                 q_sum = pairwise_sum(q_sum)
         valid = count > 0
         per_token = count.clamp(min=1)[..., None]  # avoids 0/0 in all-padding groups (their sums are 0)
+
+        def mean(x: Tensor) -> Tensor:  # level 0: one token per group, its own mean (padded rows are zero)
+            return x / per_token if level else x
+
         # causal: the first token of each group, q[a * 2**l] (sampled at stride 2**l, never averaged)
-        query = q[..., :: 2**level, :] if causal else q_sum / per_token
-        key = k_sum / per_token
+        query = q[..., :: 2**level, :] if causal else mean(q_sum)
+        key = mean(k_sum)
         if value_coarsening == "sum":
             value, weight, bias = v_sum, count, torch.zeros_like(count)
         else:
-            value, weight = v_sum / per_token, torch.ones_like(count)
+            value, weight = mean(v_sum), torch.ones_like(count)
             bias = count.clamp(min=1).log()  # l * ln 2 for a full group (0 for an all-padding one: masked)
         pyramid.append(Level(query, key, value, weight, bias, valid))
     return pyramid
@@ -102,14 +109,14 @@ def coarsening_pyramid(
 # ----------------------------------------------------------------------------------------- block structure
 
 
-def _neighbour_offsets(level: int, causal: bool) -> tuple[int, ...]:
+def neighbour_offsets(level: int, causal: bool) -> tuple[int, ...]:
     """Key blocks a query block attends to, as offsets from its own block (own = 0, left = -1, right = +1)."""
     if level == 0:
         return (-1, 0) if causal else (-1, 0, 1)
     return (-1,) if causal else (-1, 1)
 
 
-def _neighbour_blocks(x: Tensor, offsets: tuple[int, ...], block_size: int) -> Tensor:
+def neighbour_blocks(x: Tensor, offsets: tuple[int, ...], block_size: int) -> Tensor:
     """Key windows: [..., n*Nr, F] -> [..., n, len(offsets)*Nr, F]; window of block b = blocks b+o, o in offsets.
 
     Missing neighbours (before the first / after the last block) are zero-filled.
@@ -156,45 +163,53 @@ def relative_position_bias(rpb: Tensor, offsets: tuple[int, ...], block_size: in
     Query row ``a`` of the own block and key ``c`` of block offset ``o`` are ``o*Nr + c - a`` coarse tokens
     apart; that relative position, in [-(2Nr-1), 2Nr-1], indexes the table (shifted by 2Nr-1).
     """
+    return rpb[:, relative_position_index(offsets, block_size, rpb.device)]
+
+
+def relative_position_index(offsets: tuple[int, ...], block_size: int, device) -> Tensor:
+    """[Nr, K] long: the h-RPB table entry of each (query row, key column) of a block window."""
     nr = block_size
-    a = torch.arange(nr, device=rpb.device)[:, None]
-    c = torch.arange(nr, device=rpb.device)[None, :]
-    index = torch.cat([offset * nr + c - a for offset in offsets], dim=-1) + 2 * nr - 1  # [Nr, K]
-    return rpb[:, index]
+    a = torch.arange(nr, device=device)[:, None]
+    c = torch.arange(nr, device=device)[None, :]
+    return torch.cat([offset * nr + c - a for offset in offsets], dim=-1) + 2 * nr - 1
 
 
 # ----------------------------------------------------------------------------------------- softmax pieces
 
 
-def _level_block_scores(
+def level_block_scores(
     coarse: Level, level: int, causal: bool, block_size: int, rpb: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-level block scores, masked. With N = n / Nr blocks and K = len(offsets) * Nr keys per window:
-    (scores [B, H, N, Nr, K], -inf where not allowed; key values [B, H, N, K, E]; key weights [*, N, K])."""
-    offsets = _neighbour_offsets(level, causal)
+    (scores [B, H, N, Nr, K], -inf where not allowed; key values [B, H, N, K, E]; key weights [*, N, K];
+    the keys [B, H, N, K, D])."""
+    offsets = neighbour_offsets(level, causal)
     query = coarse.query.unflatten(-2, (coarse.query.shape[-2] // block_size, block_size))  # [B, H, N, Nr, D]
-    key = _neighbour_blocks(coarse.key, offsets, block_size)  # [B, H, N, K, D]
-    value = _neighbour_blocks(coarse.value, offsets, block_size)  # [B, H, N, K, E]
+    key = neighbour_blocks(coarse.key, offsets, block_size)  # [B, H, N, K, D]
+    value = neighbour_blocks(coarse.value, offsets, block_size)  # [B, H, N, K, E]
     per_key = torch.stack([coarse.key_weight, coarse.key_bias, coarse.key_valid.to(coarse.key_bias.dtype)], -1)
-    weight, bias, valid = _neighbour_blocks(per_key, offsets, block_size).unbind(-1)  # [*, N, K] each
+    weight, bias, valid = neighbour_blocks(per_key, offsets, block_size).unbind(-1)  # [*, N, K] each
 
     scores = query @ key.transpose(-1, -2) + bias[..., None, :]  # [B, H, N, Nr, K]
     if rpb is not None:
         scores = scores + relative_position_bias(rpb, offsets, block_size)[:, None]  # [H, 1, Nr, K]
     pattern = block_pattern(offsets, level, causal, block_size, scores.device)  # [Nr, K]
     allowed = pattern & (valid[..., None, :] > 0)  # [*, N, Nr, K]; missing neighbours and padding are invalid
-    return scores.masked_fill(~allowed, float("-inf")), value, weight
+    return scores.masked_fill(~allowed, float("-inf")), value, weight, key
 
 
-def partial_softmax(scores: Tensor, value: Tensor, weight: Tensor) -> Partial:
+def partial_softmax(scores: Tensor, value: Tensor, weight: Tensor, dropout_p: float = 0.0) -> Partial:
     """Row-stabilised partial softmax of one level, flattened back to its resolution.
 
     scores [B, H, N, Nr, K] (-inf = not allowed), value [B, H, N, K, E], weight [N, K] or [B, 1, N, K].
+    dropout_p > 0: each (coarse query, coarse key) weight is zeroed with that probability and the kept ones
+    scaled by 1 / (1 - dropout_p) in the numerator only, the denominator keeping every weight: dropout on the
+    normalised attention weights, at the level's resolution (as the official code, after the partition).
     """
     row_max = scores.detach().amax(-1)  # [B, H, N, Nr]
     offset = torch.where(torch.isfinite(row_max), row_max, 0.0)  # rows without any key: exp(-inf - 0) = 0
     p = torch.exp(scores - offset[..., None])
-    numerator = p @ value  # [B, H, N, Nr, E]
+    numerator = (F.dropout(p, dropout_p) if dropout_p > 0 else p) @ value  # [B, H, N, Nr, E]
     denominator = (p * weight[..., None, :]).sum(-1)  # [B, H, N, Nr]
     return Partial(numerator.flatten(-3, -2), denominator.flatten(-2), row_max.flatten(-2))
 
@@ -237,18 +252,24 @@ def normalised_output(merged: Partial, real: Tensor, length: int) -> Tensor:
 
 
 def h_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal: bool, value_coarsening: str,
-                rpb: Tensor | None, lengths: Tensor | None) -> Tensor:
+                rpb: Tensor | None, lengths: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """The O(L * Nr * D) computation of `h_attention` (arguments checked by it, L >= 1): one loop over the M
     levels, vectorised over blocks, merging the levels' partial softmaxes coarsest first. Returns [B, H, L, E]."""
-    length = q.shape[-2]
-    levels, padded = hierarchy_size(length, block_size)
+    merged, real = merged_levels(q, k, v, block_size, causal, value_coarsening, rpb, lengths, dropout_p)
+    return normalised_output(merged, real, q.shape[-2])
+
+
+def merged_levels(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal: bool, value_coarsening: str,
+                  rpb: Tensor | None, lengths: Tensor | None, dropout_p: float = 0.0) -> tuple[Partial, Tensor]:
+    """The merged partial softmax of every level ([B, H, L_pad, .] rows) and `real` (see `padded_inputs`)."""
+    levels, padded = hierarchy_size(q.shape[-2], block_size)
     q, k, v, real = padded_inputs(q, k, v, padded, lengths)
     rpb = None if rpb is None else rpb.to(q.dtype)
     pyramid = coarsening_pyramid(q, k, v, real, levels, causal, value_coarsening)
 
     merged = None  # coarsest level first; each finer level is merged with the prolonged coarser ones
     for level in reversed(range(levels)):
-        scores, value, weight = _level_block_scores(pyramid[level], level, causal, block_size, rpb)
-        partial = partial_softmax(scores, value, weight)
+        scores, value, weight, _ = level_block_scores(pyramid[level], level, causal, block_size, rpb)
+        partial = partial_softmax(scores, value, weight, dropout_p)
         merged = partial if merged is None else lse_merge(partial, upsample(merged))
-    return normalised_output(merged, real, length)
+    return merged, real
