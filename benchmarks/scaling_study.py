@@ -3,6 +3,7 @@
     python -m benchmarks run scaling_study                          # contexts 1024 and 4096, 5/10/20-minute budgets
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
     python -m benchmarks.scaling_study --variant hourglass_k2 hourglass model.hierarchy='3@1 6@2 3@1'
+    python -m benchmarks.scaling_study --contexts 1024 --models --variant k2 hourglass ... --merge  # add an arm
 
 The question is the papers' own: at the same training compute, does a hierarchical model reach a lower bpc than
 a Transformer, and does its lead grow with the context? Every model is trained on the quickstart corpus (the
@@ -24,6 +25,10 @@ standard library's source) at each context, with the same tokens per step, learn
 - **Evaluation**: bpc on the same first `--val-bytes` bytes of the valid split for every model, in
   non-overlapping windows of the context (every byte scored once, the first of each window without context).
 
+`--merge` adds this invocation's arms to the results already written (replacing those of the same name and
+context) and, at a context already measured, reuses its FLOP budgets instead of calibrating again, so an ablation
+run later is compared at exactly the same FLOPs.
+
 Writes `benchmarks/results/scaling_study.{json,md,png}`: the table, and bpc vs FLOPs and vs training seconds
 (one panel per context; the seconds are measured on this machine, which others may share: the FLOPs axis is the
 comparison).
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -145,18 +151,34 @@ def run_arm(arm: Arm, budgets: list[float], warmup_steps: int, valid: torch.Tens
     return points
 
 
-def study(args) -> dict:
+def settings(args) -> dict:
+    """What every merged arm must share (`--merge` refuses results made with others)."""
+    return {"batch_tokens": args.batch_tokens, "lr": args.lr, "warmup_steps": args.warmup_steps,
+            "decay_fraction": DECAY_FRACTION, "val_bytes": args.val_bytes}
+
+
+def study(args, previous: dict | None = None, save=None) -> dict:
+    """Train every requested arm at every context; with `previous` (merged results), reuse its budgets.
+    `save(results)` is called after every arm, so a long study interrupted keeps what it finished."""
     specs = {name: (PRESETS[name][0], [*PRESETS[name][1], *args.set]) for name in args.models}
     specs.update({name: (PRESETS[base][0], [*PRESETS[base][1], *args.set, *overrides])
                   for name, base, *overrides in args.variant})
+    known = {r["context"]: r for r in previous["runs"]} if previous else {}
     runs = []
     for context in args.contexts:
-        recipe, overrides = PRESETS["transformer"]
-        baseline = Arm("transformer", recipe, [*overrides, *args.set], context, args.batch_tokens, args.lr)
-        flops_per_s = calibrate(baseline, args.calibration_steps)
-        budgets = sorted(minutes * 60 * flops_per_s for minutes in args.budgets)
-        print(f"context {context}: the Transformer trains at {flops_per_s / 1e9:.2f} GFLOP/s here; budgets "
-              + ", ".join(f"{b:.3g}" for b in budgets) + " FLOPs", flush=True)
+        if context in known:
+            budgets = [p["budget_flops"] for p in known[context]["points"]]
+            flops_per_s, minutes = known[context]["baseline_gflops_per_s"] * 1e9, known[context]["budget_minutes"]
+            print(f"context {context}: the budgets already measured, " + ", ".join(f"{b:.3g}" for b in budgets)
+                  + " FLOPs", flush=True)
+        else:
+            recipe, overrides = PRESETS["transformer"]
+            baseline = Arm("transformer", recipe, [*overrides, *args.set], context, args.batch_tokens, args.lr)
+            flops_per_s = calibrate(baseline, args.calibration_steps)
+            minutes = sorted(args.budgets)
+            budgets = [m * 60 * flops_per_s for m in minutes]
+            print(f"context {context}: the Transformer trains at {flops_per_s / 1e9:.2f} GFLOP/s here; budgets "
+                  + ", ".join(f"{b:.3g}" for b in budgets) + " FLOPs", flush=True)
         for name, (recipe, overrides) in specs.items():
             arm = Arm(name, recipe, overrides, context, args.batch_tokens, args.lr)
             valid = torch.from_numpy(arm.data.corpus.split("valid")[: args.val_bytes].astype("int64"))
@@ -164,11 +186,30 @@ def study(args) -> dict:
                          "parameters": sum(p.numel() for p in arm.model.parameters()),
                          "non_embedding_parameters": non_embedding_parameters(arm.model),
                          "batch_size": arm.batch_size, "flops_per_token": arm.flops_per_step / (arm.batch_size * context),
-                         "baseline_gflops_per_s": flops_per_s / 1e9,
+                         "baseline_gflops_per_s": flops_per_s / 1e9, "budget_minutes": minutes,
                          "points": run_arm(arm, budgets, args.warmup_steps, valid)})
-    return {"budget_minutes": args.budgets, "batch_tokens": args.batch_tokens, "lr": args.lr,
-            "warmup_steps": args.warmup_steps, "decay_fraction": DECAY_FRACTION, "val_bytes": args.val_bytes,
-            "runs": runs}
+            if save is not None:
+                save(combine(args, previous, runs))
+    return combine(args, previous, runs)
+
+
+def combine(args, previous: dict | None, runs: list[dict]) -> dict:
+    """The results: `runs` added to `previous`'s (replacing any of the same name and context), by context."""
+    new = {(r["name"], r["context"]) for r in runs}
+    kept = [r for r in previous["runs"] if (r["name"], r["context"]) not in new] if previous else []
+    return {**settings(args), "runs": sorted(kept + runs, key=lambda r: r["context"])}
+
+
+def merge_base(args) -> dict | None:
+    """The results `--merge` adds to (None without it); an error if they were made with other settings."""
+    path = Path(args.out) / "scaling_study.json"
+    if not args.merge or not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    differ = [k for k, v in settings(args).items() if previous.get(k) != v]
+    if differ:
+        raise SystemExit(f"--merge: {path} was made with other {', '.join(differ)}; use the same or drop --merge")
+    return previous
 
 
 def markdown(results: dict) -> str:
@@ -181,7 +222,7 @@ def markdown(results: dict) -> str:
         for i, p in enumerate(r["points"]):
             ref = base.get((r["context"], i))
             rows.append([r["context"], r["name"], f"{r['non_embedding_parameters'] / 1e6:.2f}M",
-                         f"{r['flops_per_token'] / 1e6:.1f}M", f"{results['budget_minutes'][i]:g} min",
+                         f"{r['flops_per_token'] / 1e6:.1f}M", f"{r['budget_minutes'][i]:g} min",
                          p["steps"], f"{p['tokens'] / 1e6:.2f}M", p["seconds"], round(p["bpc"], 4),
                          f"{p['bpc'] - ref:+.4f}" if ref is not None else ""])
     return (markdown_table(columns, rows) + "\n\nBudgets are training FLOPs, the same for every model at a context: "
@@ -227,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20],
                         help="FLOP budgets, in minutes of the Transformer baseline on this machine")
-    parser.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--models", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME PRESET [OVERRIDE]",
                         help="an extra arm: a preset with overrides (an ablation); repeat")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -238,12 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration-steps", type=int, default=3)
     parser.add_argument("--val-bytes", type=int, default=1 << 18)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the results in --out (same settings), at their budgets where the context is known")
     args = parser.parse_args(argv)
     if any(len(v) < 2 or v[1] not in PRESETS for v in args.variant):
         parser.error(f"each --variant needs a NAME and a PRESET ({', '.join(PRESETS)}), then key=value overrides")
     if any(not math.isfinite(b) or b <= 0 for b in args.budgets):
         parser.error("--budgets must be positive minutes")
-    return publish("scaling_study", study(args), markdown, plot, args.out)
+    def save(results: dict) -> dict:
+        return publish("scaling_study", results, markdown, plot, args.out)
+
+    return save(study(args, merge_base(args), save))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,18 @@ def test_scaling_study_gives_every_model_the_same_flop_budgets(corpus_dir, tmp_p
     assert "| hourglass_k2 |" in (tmp_path / "scaling_study.md").read_text()
     assert (tmp_path / "scaling_study.png").stat().st_size > 1000
 
+    # --merge: a later ablation arm joins the results at exactly the budgets measured before, the others kept
+    study = ["--contexts", "32", "--budgets", "9", "--batch-tokens", "128", "--val-bytes", "2048", "--warmup-steps",
+             "2", "--set", *tiny, "--out", str(tmp_path), "--merge"]
+    merged = scaling_study.main([*study, "--models", "--variant", "hourglass_k2", "hourglass",
+                                 "model.hierarchy='1@1 2@2 1@1'"])
+    assert [r["name"] for r in merged["runs"]] == ["transformer", "hourglass", "hourglass_k2"]
+    assert [p["budget_flops"] for p in merged["runs"][2]["points"]] == budgets  # not calibrated again
+    assert merged["runs"][2]["overrides"][-1] == "model.hierarchy='1@1 2@2 1@1'"  # replaced
+    assert merged["runs"][0] == runs["transformer"]
+    with pytest.raises(SystemExit, match="other lr"):
+        scaling_study.main([*study, "--lr", "1e-3", "--models", "transformer"])
+
 
 @pytest.mark.slow
 def test_hourglass_speed_baseline_and_generation(tmp_path):
