@@ -1,6 +1,8 @@
 """Scaling study: the four families at matched parameters, bpc against training FLOPs (and wall-clock).
 
-    python -m benchmarks run scaling_study                          # contexts 1024 and 4096, 5/10/20-minute budgets
+    python -m benchmarks run scaling_study                          # contexts 1024 and 2048, 5/10/20-minute budgets
+    python -m benchmarks.scaling_study --contexts 1024              # the published results: this (~1.8 h on 2 cores),
+    python -m benchmarks.scaling_study --contexts 2048 --budgets 1.5 3 6 --merge   # then this (~40 min)
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
     python -m benchmarks.scaling_study --variant hourglass_k2 hourglass model.hierarchy='3@1 6@2 3@1'
     python -m benchmarks.scaling_study --contexts 1024 --models --variant k2 hourglass ... --merge  # add an arm
@@ -265,7 +267,7 @@ def headlines(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20],
                         help="FLOP budgets, in minutes of the Transformer baseline on this machine")
     parser.add_argument("--models", nargs="*", default=list(PRESETS), choices=list(PRESETS))
