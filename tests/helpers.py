@@ -4,10 +4,14 @@ import dataclasses
 import os
 from pathlib import Path
 
-from hydra.utils import get_class
+import torch
+from hydra.utils import get_class, instantiate
 
+import hier_lm
+from hier_lm.checkpoint import read_checkpoint
 from hier_lm.config import compose_train_config, hydra_quote_escape
 from hier_lm.models import MODELS
+from hier_lm.tasks import scored_next_token_loss
 
 
 def tiny_model_overrides(name: str) -> list[str]:
@@ -69,3 +73,17 @@ def subprocess_env(**extra) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+def plain_validation_loss(run_dir) -> tuple[float, int, object]:
+    """(mean next-token loss, scored tokens, the data module) of the run's model over its validation loader, batch
+    by batch with `scored_next_token_loss`: the reference that `evaluate` must equal."""
+    data = instantiate(read_checkpoint(run_dir)[1]["hier_lm"]["config"]["data"])
+    data.prepare_data()
+    data.setup("validate")
+    model, total, tokens = hier_lm.load(run_dir), 0.0, 0
+    with torch.inference_mode():
+        for batch in data.val_dataloader():
+            loss, count = scored_next_token_loss(model, batch)
+            total, tokens = total + loss.item() * count, tokens + count
+    return total / tokens, tokens, data

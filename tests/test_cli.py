@@ -12,17 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import hier_lm
-from hier_lm.checkpoint import read_checkpoint
 from hier_lm.config import CONFIG_MODULE, compose_train_config
 from hier_lm.data import ByteCorpus, resolve_paths
 from hier_lm.evaluate import evaluate
-from hier_lm.tasks import scored_next_token_loss
 from hier_lm.train import train
-from tests.helpers import subprocess_env, tiny_overrides
+from tests.helpers import plain_validation_loss, subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,23 +68,16 @@ def test_evaluate_runs_trainer_test_and_equals_the_plain_loss(corpus_dir, tmp_pa
     """`evaluate` (Lightning's Trainer.test on the split's loader) gives the loss of the plain loop over the same
     loader, `scored_next_token_loss` batch by batch, and counts exactly its tokens; bf16-mixed on CPU is close."""
     run_dir = train(compose_train_config(["recipe=quickstart", *tiny_overrides(corpus_dir, tmp_path)]), "quickstart")
-    data = instantiate(read_checkpoint(run_dir)[1]["hier_lm"]["config"]["data"])
-    data.prepare_data()
-    data.setup("validate")
-    model, total, tokens = hier_lm.load(run_dir), 0.0, 0
-    with torch.inference_mode():
-        for batch in data.val_dataloader():
-            loss, count = scored_next_token_loss(model, batch)
-            total, tokens = total + loss.item() * count, tokens + count
+    mean, tokens, data = plain_validation_loss(run_dir)
     assert tokens == data.num_eval_tokens("valid")
 
     results = evaluate(entry_config("evaluate", f"ckpt={run_dir}", "split=valid", f"out={tmp_path / 'valid.json'}"))
-    assert results["loss"] == pytest.approx(total / tokens, rel=1e-6) and results["tokens"] == tokens
+    assert results["loss"] == pytest.approx(mean, rel=1e-6) and results["tokens"] == tokens
     assert results["bpc"] == pytest.approx(results["loss"] / math.log(2), rel=1e-6)
     assert json.loads((tmp_path / "valid.json").read_text()) == {k: v for k, v in results.items() if k != "out"}
     bf16 = evaluate(entry_config("evaluate", f"ckpt={run_dir}", "split=valid", "precision=bf16-mixed", "device=cpu",
                                  f"out={tmp_path / 'bf16.json'}"))
-    assert bf16["loss"] == pytest.approx(total / tokens, rel=0.02) and bf16["tokens"] == tokens
+    assert bf16["loss"] == pytest.approx(mean, rel=0.02) and bf16["tokens"] == tokens
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from hier_lm.data.text.windows import EvalWindows
 from hier_lm.evaluate import eval_windows, evaluate
 from hier_lm.models import MODELS
 from hier_lm.train import train
-from tests.helpers import subprocess_env, tiny_overrides
+from tests.helpers import plain_validation_loss, subprocess_env, tiny_overrides
 
 SEQ_LEN = 32  # the tiny runs' data.seq_len (tiny_overrides), also their model's max_len
 
@@ -162,24 +162,11 @@ def valid_len(small_corpus) -> int:
 
 
 def test_context_equal_to_score_equal_to_seq_len_is_the_plain_evaluation(run_dir, tmp_path):
-    from hier_lm.checkpoint import read_checkpoint
-    from hydra.utils import instantiate
-
-    import hier_lm
-    from hier_lm.tasks import scored_next_token_loss
-
     plain = evaluate(entry(f"ckpt={run_dir}", "split=valid", f"context={SEQ_LEN}", f"score={SEQ_LEN}",
                            f"out={tmp_path / 'plain.json'}"))
-    data = instantiate(read_checkpoint(run_dir)[1]["hier_lm"]["config"]["data"])  # validation as in training
-    data.prepare_data()
-    data.setup("validate")
-    model, total, tokens = hier_lm.load(run_dir), 0.0, 0
-    with torch.inference_mode():
-        for batch in data.val_dataloader():
-            loss, count = scored_next_token_loss(model, batch)
-            total, tokens = total + loss.item() * count, tokens + count
+    mean, tokens, data = plain_validation_loss(run_dir)  # validation as in training
     assert plain["tokens"] == tokens == data.num_eval_tokens("valid")
-    assert plain["loss"] == pytest.approx(total / tokens, rel=1e-6)
+    assert plain["loss"] == pytest.approx(mean, rel=1e-6)
     assert (plain["context"], plain["score"]) == (SEQ_LEN, SEQ_LEN)
 
 
