@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     def save(results: dict) -> dict:
         return publish("scaling_study", results, markdown, plot, args.out)
 
-    return save(study(args, merge_base(args), save))
+    return study(args, merge_base(args), save)  # written after every arm
 
 
 if __name__ == "__main__":
