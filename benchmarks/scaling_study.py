@@ -2,10 +2,10 @@
 
     python -m benchmarks run scaling_study                          # contexts 1024 and 2048, 5/10/20-minute budgets
     python -m benchmarks.scaling_study --contexts 1024              # the published results: this (~1.8 h on 2 cores),
-    python -m benchmarks.scaling_study --contexts 2048 --budgets 1.5 3 6 --merge   # then this (~40 min)
+    python -m benchmarks.scaling_study --contexts 2048 --budgets 2 4 8 --merge      # then this (~1.2 h),
+    python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant hourglass_k2 hourglass \\
+        "model.hierarchy='1@1 4@2 1@1'"                                              # and this ablation (~30 min)
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
-    python -m benchmarks.scaling_study --variant hourglass_k2 hourglass model.hierarchy='3@1 6@2 3@1'
-    python -m benchmarks.scaling_study --contexts 1024 --models --variant k2 hourglass ... --merge  # add an arm
 
 The question is the papers' own: at the same training compute, does a hierarchical model reach a lower bpc than
 a Transformer, and does its lead grow with the context? Every model is trained on the quickstart corpus (the
