@@ -4,7 +4,8 @@
     python -m benchmarks.scaling_study --contexts 1024              # the published results: this (~1.8 h on 2 cores),
     python -m benchmarks.scaling_study --contexts 2048 --budgets 2 4 8 --merge      # then this (~1.2 h),
     python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant hourglass_k2 hourglass \\
-        "model.hierarchy='1@1 4@2 1@1'"                                              # and this ablation (~30 min)
+        "model.hierarchy='1@1 4@2 1@1'"                                              # and this ablation (~30 min),
+                                                # again as hourglass_k2_seed1 with seed=1 after the hierarchy
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
 
 The question is the papers' own: at the same training compute, does a hierarchical model reach a lower bpc than
