@@ -6,6 +6,8 @@
     python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant hourglass_k2 hourglass \\
         "model.hierarchy='1@1 4@2 1@1'"                                              # and this ablation (~30 min),
                                                 # again as hourglass_k2_seed1 with seed=1 after the hierarchy
+    python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant transformer_seed1 transformer \
+        seed=1 --variant hourglass_seed1 hourglass seed=1 --variant flash_seed1 flash seed=1     # second seeds
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
 
 The question is the papers' own: at the same training compute, does a hierarchical model reach a lower bpc than
@@ -27,6 +29,10 @@ standard library's source) at each context, with the same tokens per step, learn
   A branch reads the batches that follow in the stream; the main run continues after them.
 - **Evaluation**: bpc on the same first `--val-bytes` bytes of the valid split for every model, in
   non-overlapping windows of the context (every byte scored once, the first of each window without context).
+
+**Seeds.** Arms that differ only in a `seed=` override (initialisation and data order) are one model: each is
+compared with the Transformer of its own seed, and a table of seeds gives every such model's mean, spread and mean
+paired difference from the Transformer.
 
 `--merge` adds this invocation's arms to the results already written (replacing those of the same name and
 context) and, at a context already measured, reuses its FLOP budgets instead of calibrating again, so an ablation
@@ -84,7 +90,7 @@ class Arm:
         cfg = compose_train_config([f"recipe={recipe}", f"data.seq_len={context}", f"data.batch_size={batch_size}",
                                     *COMMON, *overrides])
         torch.manual_seed(cfg.seed)
-        self.name, self.context, self.batch_size, self.lr = name, context, batch_size, lr
+        self.name, self.context, self.batch_size, self.lr, self.seed = name, context, batch_size, lr, cfg.seed
         self.data = instantiate(cfg.data)
         self.data.prepare_data()
         self.data.setup("fit")
@@ -185,7 +191,7 @@ def study(args, previous: dict | None = None, save=None) -> dict:
         for name, (recipe, overrides) in specs.items():
             arm = Arm(name, recipe, overrides, context, args.batch_tokens, args.lr)
             valid = torch.from_numpy(arm.data.corpus.split("valid")[: args.val_bytes].astype("int64"))
-            runs.append({"name": name, "context": context, "recipe": recipe, "overrides": overrides,
+            runs.append({"name": name, "context": context, "recipe": recipe, "overrides": overrides, "seed": arm.seed,
                          "parameters": sum(p.numel() for p in arm.model.parameters()),
                          "non_embedding_parameters": non_embedding_parameters(arm.model),
                          "batch_size": arm.batch_size, "flops_per_token": arm.flops_per_step / (arm.batch_size * context),
@@ -215,34 +221,84 @@ def merge_base(args) -> dict | None:
     return previous
 
 
+def family(run: dict) -> tuple:
+    """What makes arms the same model up to the seed: context, recipe and the overrides other than `seed=`."""
+    return run["context"], run["recipe"], tuple(o for o in run["overrides"] if not o.startswith("seed="))
+
+
+def seed_families(runs: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """{family: {seed: run}}, families in the order of their first arm, seeds ascending."""
+    families: dict[tuple, dict[int, dict]] = {}
+    for run in runs:
+        families.setdefault(family(run), {})[run["seed"]] = run
+    return {key: dict(sorted(seeds.items())) for key, seeds in families.items()}
+
+
+def transformer_runs(results: dict) -> dict[tuple[int, int], dict]:
+    """{(context, seed): run} of the Transformer baseline (the arm named "transformer" and its other seeds)."""
+    families = seed_families(results["runs"])
+    return {(run["context"], seed): other for run in results["runs"] if run["name"] == "transformer"
+            for seed, other in families[family(run)].items()}
+
+
 def markdown(results: dict) -> str:
-    columns = ["context", "model", "params (non-emb.)", "FLOPs/byte", "budget", "steps", "tokens", "train s", "bpc",
-               "vs Transformer"]
-    base = {(r["context"], i): p["bpc"] for r in results["runs"] if r["name"] == "transformer"
-            for i, p in enumerate(r["points"])}
+    columns = ["context", "model", "seed", "params (non-emb.)", "FLOPs/byte", "budget", "steps", "tokens", "train s",
+               "bpc", "vs Transformer"]
+    baselines = transformer_runs(results)
     rows = []
-    for r in results["runs"]:
+    for r in (run for runs in seed_families(results["runs"]).values() for run in runs.values()):  # seeds together
+        ref = baselines.get((r["context"], r["seed"]))
         for i, p in enumerate(r["points"]):
-            ref = base.get((r["context"], i))
-            rows.append([r["context"], r["name"], f"{r['non_embedding_parameters'] / 1e6:.2f}M",
+            rows.append([r["context"], r["name"], r["seed"], f"{r['non_embedding_parameters'] / 1e6:.2f}M",
                          f"{r['flops_per_token'] / 1e6:.1f}M", f"{r['budget_minutes'][i]:g} min",
                          p["steps"], f"{p['tokens'] / 1e6:.2f}M", p["seconds"], round(p["bpc"], 4),
-                         f"{p['bpc'] - ref:+.4f}" if ref is not None else ""])
-    return (markdown_table(columns, rows) + "\n\nBudgets are training FLOPs, the same for every model at a context: "
+                         f"{p['bpc'] - ref['points'][i]['bpc']:+.4f}" if ref is not None else ""])
+    text = (markdown_table(columns, rows) + "\n\nBudgets are training FLOPs, the same for every model at a context: "
             "minutes of the Transformer baseline on this machine. bpc on the first "
-            f"{results['val_bytes']:,} bytes of the valid split. 'vs Transformer': bpc difference at the same "
-            "budget (negative: better than the Transformer).\n")
+            f"{results['val_bytes']:,} bytes of the valid split. 'vs Transformer': bpc difference from the "
+            "Transformer trained with the same seed (initialisation and data order) at the same budget (negative: "
+            "better than the Transformer).\n")
+    seeds = seed_table(results, baselines)
+    return text + (f"\n## Seeds\n\n{seeds}" if seeds else "")
+
+
+def seed_table(results: dict, baselines: dict[tuple[int, int], dict]) -> str:
+    """Every model trained with several seeds: bpc per seed, mean and spread, and the mean of its same-seed
+    differences from the Transformer ("" when no model has more than one seed)."""
+    columns = ["context", "model", "seeds", "budget", "bpc per seed", "mean", "spread", "vs Transformer (mean)"]
+    rows = []
+    for runs in seed_families(results["runs"]).values():
+        if len(runs) < 2:
+            continue
+        first = next(iter(runs.values()))
+        refs = [baselines.get((first["context"], seed)) for seed in runs]
+        for i, minutes in enumerate(first["budget_minutes"]):
+            bpcs = [run["points"][i]["bpc"] for run in runs.values()]
+            leads = [b - ref["points"][i]["bpc"] for b, ref in zip(bpcs, refs) if ref is not None]
+            rows.append([first["context"], first["name"], ", ".join(map(str, runs)), f"{minutes:g} min",
+                         " / ".join(f"{b:.3f}" for b in bpcs), f"{sum(bpcs) / len(bpcs):.3f}",
+                         f"{max(bpcs) - min(bpcs):.3f}",
+                         f"{sum(leads) / len(leads):+.3f}" if len(leads) == len(bpcs) else ""])
+    if not rows:
+        return ""
+    return (markdown_table(columns, rows) + "\n\n'spread': the largest bpc minus the smallest. 'vs Transformer "
+            "(mean)': the mean over the seeds of each seed's difference from the Transformer of the same seed.\n")
 
 
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     contexts = sorted({r["context"] for r in results["runs"]})
     fig, axes = plt.subplots(2, len(contexts), figsize=(5.5 * len(contexts), 8), squeeze=False)
+    families = seed_families(results["runs"])
     for col, context in enumerate(contexts):
-        for run in (r for r in results["runs"] if r["context"] == context):
-            bpcs = [p["bpc"] for p in run["points"]]
-            axes[0][col].plot([p["flops"] for p in run["points"]], bpcs, marker="o", label=run["name"])
-            axes[1][col].plot([p["seconds"] for p in run["points"]], bpcs, marker="o", label=run["name"])
+        for color, runs in enumerate(runs for key, runs in families.items() if key[0] == context):
+            name = next(iter(runs.values()))["name"]  # the first seed's arm names the model
+            for n, (seed, run) in enumerate(runs.items()):  # a model's other seeds: dashed, in its colour
+                style = {"marker": "o", "color": f"C{color % 10}", "linestyle": "--" if n else "-",
+                         "label": f"{name}, seed {seed}" if len(runs) > 1 else name}
+                bpcs = [p["bpc"] for p in run["points"]]
+                axes[0][col].plot([p["flops"] for p in run["points"]], bpcs, **style)
+                axes[1][col].plot([p["seconds"] for p in run["points"]], bpcs, **style)
         for row, xlabel in enumerate(("training FLOPs", "training seconds (this machine)")):
             ax = axes[row][col]
             ax.set_xscale("log")

@@ -66,6 +66,35 @@ def test_scaling_study_gives_every_model_the_same_flop_budgets(corpus_dir, tmp_p
     assert merged["runs"][0] == runs["transformer"]
     with pytest.raises(SystemExit, match="other lr"):
         scaling_study.main([*study, "--lr", "1e-3", "--models", "transformer"])
+    assert [r["seed"] for r in merged["runs"]] == [0, 0, 0]  # the recipes' seed, recorded with each arm
+
+
+def test_scaling_study_compares_each_seed_with_the_transformer_of_that_seed(tmp_path):
+    """Arms that differ only in `seed=` are one model: 'vs Transformer' pairs seeds, and a table of seeds gives
+    each such model's mean, spread and mean paired difference."""
+    def arm(name, recipe, overrides, seed, bpcs):
+        return {"name": name, "context": 64, "recipe": recipe, "overrides": overrides, "seed": seed,
+                "non_embedding_parameters": 1000, "flops_per_token": 1e6, "budget_minutes": [1, 2],
+                "points": [{"steps": 1, "tokens": 64, "seconds": 1.0, "flops": f, "bpc": b}
+                           for f, b in zip((1e9, 2e9), bpcs)]}
+    runs = [arm("transformer", "t", ["x=1"], 0, [3.0, 2.0]), arm("hourglass", "h", ["x=1"], 0, [2.5, 1.9]),
+            arm("hourglass_seed1", "h", ["x=1", "seed=1"], 1, [2.7, 1.5]),
+            arm("transformer_seed1", "t", ["x=1", "seed=1"], 1, [3.2, 2.1]),
+            arm("flash_seed1", "f", ["seed=1"], 1, [2.0, 1.0])]
+    results = {"val_bytes": 4096, "runs": runs}
+    text = scaling_study.markdown(results)
+    main, seeds = text.split("## Seeds")
+    assert "| 64 | hourglass_seed1 | 1 |" in main and "| 1.5 | -0.6000 |" in main  # 1.5 - 2.1, not 1.5 - 2.0
+    assert "| 64 | flash_seed1 | 1 |" in main and "| 1 | -1.1000 |" in main  # its seed's Transformer
+    names = [line.split(" | ")[1] for line in main.splitlines() if line.startswith("| 64 |")]
+    assert names == ["transformer"] * 2 + ["transformer_seed1"] * 2 + ["hourglass"] * 2 + ["hourglass_seed1"] * 2 \
+        + ["flash_seed1"] * 2  # the seeds of a model side by side
+    # hourglass at 2 min: 1.9 / 1.5, mean 1.7, spread 0.4, paired differences -0.1 and -0.6: mean -0.35
+    assert "| 64 | hourglass | 0, 1 | 2 min | 1.900 / 1.500 | 1.700 | 0.400 | -0.350 |" in seeds
+    assert "| 64 | transformer | 0, 1 | 1 min | 3.000 / 3.200 | 3.100 | 0.200 | +0.000 |" in seeds
+    assert "flash" not in seeds  # one seed only
+    scaling_study.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
