@@ -306,7 +306,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_ylabel("valid bpc")
             ax.set_title(f"context {context}")
             ax.grid(alpha=0.3, which="both")
-            ax.legend()
+            ax.legend(fontsize="x-small", framealpha=0.7)
     save_figure(fig, path)
 
 
