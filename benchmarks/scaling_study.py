@@ -6,7 +6,7 @@
     python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant hourglass_k2 hourglass \\
         "model.hierarchy='1@1 4@2 1@1'"                                              # and this ablation (~30 min),
                                                 # again as hourglass_k2_seed1 with seed=1 after the hierarchy
-    python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant transformer_seed1 transformer \
+    python -m benchmarks.scaling_study --contexts 1024 --models --merge --variant transformer_seed1 transformer \\
         seed=1 --variant hourglass_seed1 hourglass seed=1 --variant flash_seed1 flash seed=1     # second seeds
     python -m benchmarks.scaling_study --contexts 1024 --budgets 2 4 8 --models transformer hourglass
 
