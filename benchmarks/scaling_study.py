@@ -234,19 +234,20 @@ def seed_families(runs: list[dict]) -> dict[tuple, dict[int, dict]]:
     return {key: dict(sorted(seeds.items())) for key, seeds in families.items()}
 
 
-def transformer_runs(results: dict) -> dict[tuple[int, int], dict]:
-    """{(context, seed): run} of the Transformer baseline (the arm named "transformer" and its other seeds)."""
-    families = seed_families(results["runs"])
-    return {(run["context"], seed): other for run in results["runs"] if run["name"] == "transformer"
-            for seed, other in families[family(run)].items()}
+def transformer_runs(families: dict[tuple, dict[int, dict]]) -> dict[tuple[int, int], dict]:
+    """{(context, seed): run} of the Transformer baseline (the arm named "transformer" and its other seeds), from
+    `seed_families`."""
+    return {(key[0], seed): run for key, runs in families.items()
+            if any(r["name"] == "transformer" for r in runs.values()) for seed, run in runs.items()}
 
 
 def markdown(results: dict) -> str:
     columns = ["context", "model", "seed", "params (non-emb.)", "FLOPs/byte", "budget", "steps", "tokens", "train s",
                "bpc", "vs Transformer"]
-    baselines = transformer_runs(results)
+    families = seed_families(results["runs"])
+    baselines = transformer_runs(families)
     rows = []
-    for r in (run for runs in seed_families(results["runs"]).values() for run in runs.values()):  # seeds together
+    for r in (run for runs in families.values() for run in runs.values()):  # a model's seeds together
         ref = baselines.get((r["context"], r["seed"]))
         for i, p in enumerate(r["points"]):
             rows.append([r["context"], r["name"], r["seed"], f"{r['non_embedding_parameters'] / 1e6:.2f}M",
@@ -258,16 +259,16 @@ def markdown(results: dict) -> str:
             f"{results['val_bytes']:,} bytes of the valid split. 'vs Transformer': bpc difference from the "
             "Transformer trained with the same seed (initialisation and data order) at the same budget (negative: "
             "better than the Transformer).\n")
-    seeds = seed_table(results, baselines)
+    seeds = seed_table(families, baselines)
     return text + (f"\n## Seeds\n\n{seeds}" if seeds else "")
 
 
-def seed_table(results: dict, baselines: dict[tuple[int, int], dict]) -> str:
+def seed_table(families: dict[tuple, dict[int, dict]], baselines: dict[tuple[int, int], dict]) -> str:
     """Every model trained with several seeds: bpc per seed, mean and spread, and the mean of its same-seed
     differences from the Transformer ("" when no model has more than one seed)."""
     columns = ["context", "model", "seeds", "budget", "bpc per seed", "mean", "spread", "vs Transformer (mean)"]
     rows = []
-    for runs in seed_families(results["runs"]).values():
+    for runs in families.values():
         if len(runs) < 2:
             continue
         first = next(iter(runs.values()))
